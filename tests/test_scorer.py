@@ -1,0 +1,151 @@
+"""CMEScorer on the real SmolLM2 verifier (and tiny models for plumbing), against float64 values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cme_rewards import CMEScorer, grpo_advantages
+from cme_rewards.models import VerifierNotFoundError
+from cme_rewards.ops.reference import reference_token_logprobs
+
+from conftest import tiny_llama
+
+pytestmark = pytest.mark.slow
+
+
+def test_matches_float64_vectors(smollm_scorer, cme_vectors):
+    """Independent float64 vectors: same prompt and response ids, CME within 1e-4 in float32."""
+    rows = [r for r in cme_vectors if r["verifier"] == "smollm2-135m-instruct"]
+    results = smollm_scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows])
+    for row, res in zip(rows, results, strict=True):
+        x = smollm_scorer.encode(row["prompt"], row["response"])
+        assert x.input_ids[: x.n_prompt] == row["verifier_prompt_ids"]
+        assert x.input_ids[x.n_prompt :] == row["response_ids"]
+        assert res.n_tokens == row["n_tokens"] and res.error is None
+        assert abs(res.cme - row["cme"]) < 1e-4, row["response"][:40]
+
+
+def test_batch_invariance(smollm_scorer):
+    prompts = ["What is 2+2?", "Write a haiku about rain." * 5, "Hi", "Explain GRPO briefly."]
+    responses = ["4", "Rain taps the window,\nsoft drums on a tin roof sing,\nthe street drinks the sky.",
+                 "Hello! How can I help?", "GRPO normalises rewards within a group of samples."]
+    batch = smollm_scorer.score(prompts, responses)
+    for i in range(len(prompts)):
+        alone = smollm_scorer.score([prompts[i]], [responses[i]])[0]
+        assert abs(alone.cme - batch[i].cme) < 1e-5
+    tight = CMEScorer(model=smollm_scorer.model, tokenizer=smollm_scorer.tokenizer, token_budget=8)
+    for a, b in zip(tight.score(prompts, responses), batch, strict=True):
+        assert abs(a.cme - b.cme) < 1e-5
+
+
+def test_reductions_and_length_guard(smollm_scorer):
+    kw = dict(model=smollm_scorer.model, tokenizer=smollm_scorer.tokenizer)
+    prompts, responses = ["Capital of France?"] * 2, ["Paris.", "The capital of France is Paris."]
+    mean = smollm_scorer.score(prompts, responses)
+    total = CMEScorer(reduction="sum", **kw).score(prompts, responses)
+    for m, s in zip(mean, total, strict=True):
+        assert s.cme == pytest.approx(m.cme * m.n_tokens, abs=1e-4)
+    guarded = CMEScorer(min_tokens=4, floor=-7.0, **kw).score(prompts, responses)
+    assert guarded[0].cme == -7.0 and "min_tokens" in guarded[0].error
+    assert guarded[1].error is None and guarded[1].cme == pytest.approx(mean[1].cme)
+
+
+def test_real_signal(smollm_scorer):
+    good, salad = smollm_scorer.score(
+        ["What is the capital of France?"] * 2,
+        ["The capital of France is Paris.", "Purple seventeen under gravel whistles sideways."],
+    )
+    assert good.cme > -1.5 and salad.cme < -5.0
+
+
+def test_unscorable_samples_get_the_floor_and_same_keys(smollm_scorer, caplog):
+    results = smollm_scorer.score(
+        ["Hi", "Hi", "Hi"], ["", "bad \udc80 text", "Hello!"], ids=["a", "b", "c"], groups=[1, 1, 1]
+    )
+    assert [r.error for r in results[:2]] == ["empty response", "undecodable text in response"]
+    assert all(r.cme == -50.0 and r.n_tokens == 0 for r in results[:2])
+    assert results[2].error is None and math.isfinite(results[2].cme)
+    assert all(set(r.to_dict()) == {"cme", "n_tokens", "truncated", "error", "advantage"} for r in results)
+    assert "sample a: empty response" in caplog.text
+
+
+def test_grouped_advantages_follow_verl(smollm_scorer):
+    results = smollm_scorer.score(["Hi"] * 3 + ["Bye"], ["Hello!", "Hey.", "Greetings, friend.", "Bye!"],
+                                  groups=["g", "g", "g", "h"])
+    values = torch.tensor([r.cme for r in results[:3]], dtype=torch.float64)
+    expected = (values - values.mean()) / (values.std() + 1e-6)
+    assert [r.advantage for r in results[:3]] == pytest.approx(expected.tolist(), abs=1e-9)
+    assert results[3].advantage == 0.0
+
+
+def test_grpo_advantages_edge_cases():
+    assert grpo_advantages([1.0, 1.0], ["a", "a"]) == [0.0, 0.0]
+    assert grpo_advantages([3.0], ["a"]) == [0.0]
+    with pytest.raises(ValueError):
+        grpo_advantages([1.0], [])
+
+
+def test_over_long_inputs_are_flagged(smollm_scorer):
+    scorer = CMEScorer(model=smollm_scorer.model, tokenizer=smollm_scorer.tokenizer, max_length=32)
+    long_prompt, long_response = scorer.score(["x " * 200, "Count."], ["Fine.", " ".join(["one"] * 100)])
+    assert long_prompt.truncated and long_prompt.error is None and long_prompt.n_tokens == 2
+    assert long_response.truncated and long_response.n_tokens == 31
+
+
+def test_random_control_verifier_is_seeded():
+    a = CMEScorer("random:smollm2-135m-instruct", device="cpu", seed=1)
+    b = CMEScorer("random:smollm2-135m-instruct", device="cpu", seed=1)
+    c = CMEScorer("random:smollm2-135m-instruct", device="cpu", seed=2)
+    args = (["What is the capital of France?"], ["The capital of France is Paris."])
+    va, vb, vc = (s.score(*args)[0].cme for s in (a, b, c))
+    assert va == vb and va != vc
+    assert va < -8.0  # a random model is near-uniform over 49,152 tokens: about -log(49152) = -10.8
+
+
+def test_bad_configuration_fails_at_start_up(monkeypatch):
+    with pytest.raises(VerifierNotFoundError, match="smollm2-135m-instruct"):
+        CMEScorer("no-such-verifier")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(VerifierNotFoundError, match="hub"):
+        CMEScorer("some-org/some-model")
+    with pytest.raises(VerifierNotFoundError, match="does not exist"):
+        CMEScorer("/nowhere/model.gguf")
+    model = tiny_llama(vocab_size=100)
+    with pytest.raises(ValueError, match="reduction"):
+        CMEScorer(model=model, tokenizer=object(), reduction="max")
+    with pytest.raises(ValueError, match="model and tokenizer"):
+        CMEScorer(model=model)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"final_logit_softcapping": 2.0}, {"logit_scale": 0.3}])
+def test_output_head_transform_matches_full_forward(smollm_tokenizer, overrides):
+    """Head applied only at scored rows, with the config's softcap / scale, equals the model's logits."""
+    if "final_logit_softcapping" in overrides:
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        config = Gemma3TextConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  head_dim=16, **overrides)
+        torch.manual_seed(0)
+        model = Gemma3ForCausalLM(config).eval()
+    elif "logit_scale" in overrides:
+        from transformers import CohereConfig, CohereForCausalLM
+
+        config = CohereConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, **overrides)
+        torch.manual_seed(0)
+        model = CohereForCausalLM(config).eval()
+    else:
+        model = tiny_llama()
+    scorer = CMEScorer(model=model, tokenizer=smollm_tokenizer)
+    assert scorer._fused_head
+    res = scorer.score(["Hi there"], ["General Kenobi!"], return_token_logprobs=True)[0]
+    x = scorer.encode("Hi there", "General Kenobi!")
+    with torch.inference_mode():
+        logits = model.double()(torch.tensor([x.input_ids])).logits[0]
+    targets = torch.tensor(x.input_ids[x.n_prompt :])
+    want = reference_token_logprobs(logits[x.n_prompt - 1 : -1], targets)
+    torch.testing.assert_close(torch.tensor(res.token_logprobs, dtype=torch.float64), want, atol=1e-4, rtol=0)
