@@ -14,7 +14,8 @@ step() { echo "[$(( $(date +%s) - start )) s] $*"; }
 
 step "creating a fresh venv in $venv"
 "$PY" -m venv "$venv"
-"$venv/bin/python" -c "import sys; assert sys.prefix != sys.base_prefix; import site; assert not site.ENABLE_USER_SITE or True"
+"$venv/bin/python" -c "import sys; assert sys.prefix != sys.base_prefix"
+grep -q "include-system-site-packages = false" "$venv/pyvenv.cfg"
 "$venv/bin/pip" install -q ${PIP_OPTS:-} --upgrade pip
 step "pip install torch==2.13.0"
 "$venv/bin/pip" install -q ${PIP_OPTS:-} torch==2.13.0

@@ -6,12 +6,11 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 from cme_rewards import CMEScorer, grpo_advantages
 from cme_rewards.models import VerifierNotFoundError
 from cme_rewards.ops.reference import reference_token_logprobs
-
-from conftest import tiny_llama
 
 pytestmark = pytest.mark.slow
 

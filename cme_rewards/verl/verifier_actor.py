@@ -1,0 +1,129 @@
+"""One local verifier per node, shared by all of veRL's reward-loop workers on it.
+
+veRL runs ``reward.num_workers`` ``RewardLoopWorker`` actors that reserve no GPU; loading the verifier
+in each would load it that many times, on a device Ray did not give them. Instead the first worker on
+a node starts a named Ray actor, :class:`VerifierActor`, that reserves ``reward.cme.num_gpus`` (a
+fraction lets a small verifier share a GPU; 0 runs it on CPU) and ``reward.cme.num_cpus``; the other
+workers find it by name (``get_if_exists``). Its async :meth:`VerifierActor.score` is called once per
+sample; concurrent calls from all workers are coalesced into one :meth:`cme_rewards.CMEScorer.score`
+batch by :class:`cme_rewards.batching.BatchedScorer`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from cme_rewards.batching import BatchedScorer, BatchLimits, BatchStats, Sample
+from cme_rewards.verl.settings import CONFIG_PATH, CMESettings, CMESettingsError
+
+logger = logging.getLogger(__name__)
+
+ACTOR_PREFIX = "cme_verifier"
+
+
+class VerifierActor:
+    """A :class:`cme_rewards.CMEScorer` that batches the single-sample calls of many callers.
+
+    Used as a Ray actor (see :func:`get_verifier_actor`); plain Python otherwise.
+    """
+
+    def __init__(self, settings: CMESettings) -> None:
+        from cme_rewards.scorer import CMEScorer
+
+        self.settings = settings
+        self.scorer = CMEScorer(
+            settings.verifier,
+            device=actor_device(settings),
+            dtype=settings.dtype,
+            max_length=settings.max_length,
+            token_budget=settings.token_budget,
+            reduction=settings.reduction,
+            min_tokens=settings.min_tokens,
+            floor=settings.floor,
+        )
+        self.calls = 0
+        self.batches: list[int] = []
+        self.batched = BatchedScorer(
+            self.scorer,
+            BatchLimits(max_batch_tokens=settings.token_budget, max_wait_ms=settings.batch_wait_ms),
+            on_batch=self._count,
+        )
+
+    def _count(self, stats: BatchStats) -> None:
+        self.batches.append(stats.size)
+
+    def info(self) -> dict[str, Any]:
+        """Where the verifier runs and how calls were batched so far (``batch_sizes``)."""
+        return {
+            "verifier": self.scorer.verifier_name,
+            "device": str(self.scorer.device),
+            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+            "calls": self.calls,
+            "batch_sizes": list(self.batches),
+        }
+
+    async def score(self, prompt: Any, response: str, id: str | None = None) -> dict[str, Any]:
+        """Score one sample; returns ``CMEResult.to_dict()`` (``cme`` in nats, ``n_tokens``, ...).
+
+        Transient trouble (overload, out of memory) raises, so the caller can retry.
+        """
+        self.calls += 1
+        result = await self.batched.score_async(Sample(prompt=prompt, response=response, id=id))
+        return result.to_dict()
+
+
+def actor_device(settings: CMESettings) -> str:
+    """The verifier's device: ``auto`` is the GPU Ray reserved for the actor, or CPU when none.
+
+    (Ray leaves ``CUDA_VISIBLE_DEVICES`` alone for an actor without GPUs, so ``auto`` must not
+    pick a GPU nobody reserved; ``device=cuda`` with ``num_gpus=0`` does that on purpose.)
+    """
+    if settings.device == "auto" and settings.num_gpus == 0:
+        return "cpu"
+    return settings.device
+
+
+def actor_name(settings: CMESettings, node_id: str) -> str:
+    """Name of the verifier actor for ``settings`` on node ``node_id``."""
+    return f"{ACTOR_PREFIX}_{settings.actor_key()}_{node_id[:16]}"
+
+
+def get_verifier_actor(settings: CMESettings) -> ray.actor.ActorHandle:
+    """The verifier actor of this node, started on first use; waits until its verifier is loaded.
+
+    Raises :class:`CMESettingsError` when it does not start within ``timeout_s`` (no free resources
+    for ``num_gpus`` / ``num_cpus`` on this node) or its verifier fails to load.
+    """
+    node_id = ray.get_runtime_context().get_node_id()
+    name = actor_name(settings, node_id)
+    handle = (
+        ray.remote(VerifierActor)
+        .options(
+            name=name,
+            get_if_exists=True,
+            num_gpus=settings.num_gpus,
+            num_cpus=settings.num_cpus,
+            max_concurrency=1000,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+        )
+        .remote(settings)
+    )
+    try:
+        info = ray.get(handle.info.remote(), timeout=settings.timeout_s)
+    except ray.exceptions.GetTimeoutError as exc:
+        raise CMESettingsError(
+            f"{CONFIG_PATH}.num_gpus: the verifier actor {name} did not start within "
+            f"{CONFIG_PATH}.timeout_s={settings.timeout_s} s; node {node_id} may have no free "
+            f"num_gpus={settings.num_gpus} / num_cpus={settings.num_cpus} (GPUs held by veRL's "
+            "placement groups are not free: use a fraction of a GPU left outside them, or 0 for CPU)"
+        ) from exc
+    except ray.exceptions.RayActorError as exc:
+        raise CMESettingsError(
+            f"{CONFIG_PATH}.verifier: the verifier actor failed to start: {exc}"
+        ) from exc
+    logger.info("cme verifier actor %s ready: %s", name, info)
+    return handle

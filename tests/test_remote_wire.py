@@ -1,0 +1,157 @@
+"""Remote verifiers against vLLM's and SGLang's documented wire formats.
+
+vLLM and SGLang cannot run on this CPU machine, so each test starts a real uvicorn server on
+127.0.0.1 (``wire_servers.py``) that answers in exactly the JSON shape the server documents,
+computing the log-probs with the real SmolLM2-135M-Instruct verifier; the client's CME must equal
+``CMEScorer``'s for the same model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from wire_servers import LogprobModel, ServerThread, sglang_app, vllm_app
+
+from cme_rewards import FLOOR_REWARD
+from cme_rewards.remote import (
+    RemoteConfigError,
+    RemoteVerifierUnavailable,
+    SGLangVerifier,
+    VLLMVerifier,
+    load_verifier_tokenizer,
+)
+
+pytestmark = pytest.mark.slow
+
+VERIFIER = "smollm2-135m-instruct"
+PROMPTS = [
+    "What is the capital of France?",
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a primary colour."},
+    ],
+    "Write a haiku about rain.",
+]
+RESPONSES = [
+    "The capital of France is Paris.",
+    "Red.",
+    "Soft rain on the roof,\nthe garden drinks quietly,\nclouds walk to the sea.",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm(smollm_scorer):
+    return LogprobModel(smollm_scorer.model, smollm_scorer.tokenizer)  # conftest's session verifier
+
+
+@pytest.fixture(scope="module")
+def reference(smollm_scorer):
+    return smollm_scorer.score(PROMPTS, RESPONSES)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_verifier_tokenizer(VERIFIER)
+
+
+def test_vllm_prompt_logprobs_match_scorer(smollm, reference, tokenizer):
+    with ServerThread(vllm_app(smollm, "smollm2")) as server:
+
+        async def run():
+            client = VLLMVerifier(server.url, tokenizer)
+            await client.check()
+            assert client.model == "smollm2"  # taken from /v1/models
+            try:
+                return await client.score_many(PROMPTS, RESPONSES)
+            finally:
+                await client.aclose()
+
+        results = asyncio.run(run())
+    for got, want in zip(results, reference, strict=True):
+        assert got.error is None and want.error is None
+        assert got.n_tokens == want.n_tokens
+        assert got.cme == pytest.approx(want.cme, abs=1e-4)
+    assert results[0].cme > results[2].cme - 5  # real values, not a constant
+
+
+def test_sglang_input_token_logprobs_match_scorer(smollm, reference, tokenizer):
+    with ServerThread(sglang_app(smollm, "/models/smollm2")) as server:
+
+        async def run():
+            client = SGLangVerifier(
+                server.url.removeprefix("http://"), tokenizer
+            )  # host:port works
+            await client.check()
+            try:
+                return await client.score_many(PROMPTS, RESPONSES)
+            finally:
+                await client.aclose()
+
+        results = asyncio.run(run())
+    for got, want in zip(results, reference, strict=True):
+        assert got.n_tokens == want.n_tokens
+        assert got.cme == pytest.approx(want.cme, abs=1e-4)
+
+
+def test_vllm_retries_503_and_floors_a_rejected_sample(smollm, reference, tokenizer):
+    app = vllm_app(smollm, "smollm2", max_model_len=64, fail_first=2)
+    with ServerThread(app) as server:
+
+        async def run():
+            client = VLLMVerifier(server.url, tokenizer, model="smollm2", backoff_s=0.01)
+            try:
+                short = await client.score(PROMPTS[0], RESPONSES[0])
+                long = await client.score(PROMPTS[2], RESPONSES[2] * 4, id="s-long")
+                empty = await client.score(PROMPTS[0], "")
+            finally:
+                await client.aclose()
+            return short, long, empty
+
+        short, long, empty = asyncio.run(run())
+        assert (
+            app.state.counters["requests"] == 4
+        )  # two 503s retried, then 2 answers; "" sends nothing
+    assert short.error is None and short.cme == pytest.approx(reference[0].cme, abs=1e-4)
+    assert (
+        long.cme == FLOOR_REWARD
+        and "HTTP 400" in long.error
+        and "maximum context length" in long.error
+    )
+    assert empty.cme == FLOOR_REWARD and empty.error == "empty response" and empty.n_tokens == 0
+    assert set(short.to_dict()) == set(long.to_dict()) == set(empty.to_dict())
+
+
+def test_unreachable_or_wrong_server_fails_at_check(smollm, tokenizer):
+    async def check(client):
+        try:
+            await client.check()
+        finally:
+            await client.aclose()
+
+    dead = VLLMVerifier("http://127.0.0.1:9", tokenizer, max_retries=2, backoff_s=0.01)
+    with pytest.raises(
+        RemoteConfigError, match=r"^url: no vllm server answers at http://127.0.0.1:9"
+    ) as exc:
+        asyncio.run(check(dead))
+    assert exc.value.option == "url"
+    with ServerThread(vllm_app(smollm, "smollm2")) as server:
+        wrong_model = VLLMVerifier(server.url, tokenizer, model="llama")
+        with pytest.raises(RemoteConfigError, match=r"^model: 'llama' is not served"):
+            asyncio.run(check(wrong_model))
+        not_sglang = SGLangVerifier(server.url, tokenizer, max_retries=1)
+        with pytest.raises(RemoteConfigError, match="url"):
+            asyncio.run(check(not_sglang))
+
+
+def test_server_down_mid_run_raises_not_floors(tokenizer):
+    client = VLLMVerifier("http://127.0.0.1:9", tokenizer, model="m", max_retries=2, backoff_s=0.01)
+
+    async def run():
+        try:
+            return await client.score("hi", "hello")
+        finally:
+            await client.aclose()
+
+    with pytest.raises(RemoteVerifierUnavailable, match="failed 2 times"):
+        asyncio.run(run())
