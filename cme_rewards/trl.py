@@ -1,0 +1,252 @@
+"""CME as a reward function for TRL's ``GRPOTrainer(reward_funcs=...)``.
+
+TRL calls every reward function as ``f(prompts=..., completions=..., completion_ids=...,
+**dataset_columns, trainer_state=..., log_extra=..., log_metric=...)`` with one entry per
+completion, and reads the callable's ``__name__`` for its logs (``rewards/<name>/mean``, the
+completions table). The callables here are plain objects (not ``nn.Module``, which TRL would treat
+as a sequence classifier):
+
+- ``CMEReward``: synchronous; scores the batch with a ``CMEScorer`` and returns ``list[float]``
+  (nats; the scorer's floor reward for samples that cannot be scored, never ``None`` or NaN).
+- ``AsyncCMEReward``: the same, with ``async def __call__``; TRL awaits it on its event loop, and
+  the scoring runs in a worker thread so async reward functions run side by side.
+- ``LengthPenalty``: ``-len(completion_ids) / max_tokens`` in ``[-1, 0]``, to combine with CME
+  through ``GRPOConfig(reward_weights=[...])``.
+- ``cme``: a ready ``CMEReward`` for the default verifier, built on first call, so that TRL's
+  own script can name it: ``trl grpo --reward_funcs cme_rewards.trl.cme ...``.
+
+Prompts reach the verifier as TRL hands them over: raw strings (standard datasets) or lists of chat
+messages (conversational datasets); the scorer rebuilds them with the verifier's own chat template.
+A conversational completion is a list of messages: its last assistant message is scored, and any
+messages before it (tool calls and results) are appended to the prompt as context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .models import DEFAULT_VERIFIER
+from .results import CMEResult
+from .scorer import CMEScorer
+
+Prompt = str | list[dict[str, Any]]
+Completion = str | list[dict[str, Any]]
+
+_SCORER_OPTIONS = frozenset(inspect.signature(CMEScorer.__init__).parameters) - {"self", "verifier"}
+
+
+def _message_text(content: Any) -> str:
+    """Text of a chat message's ``content``: a string, or the joined text blocks of a block list."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(block.get("text", "") for block in content if block.get("type") == "text")
+
+
+def _text_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages with their content reduced to text (image blocks dropped)."""
+    return [{**message, "content": _message_text(message.get("content"))} for message in messages]
+
+
+def to_verifier_pair(prompt: Prompt, completion: Completion) -> tuple[Prompt, str]:
+    """``(verifier prompt, response text)`` for one TRL prompt and completion.
+
+    Standard format: both strings, passed through. Conversational format: the response is the text
+    of the completion's last assistant message; the completion's earlier messages (tool calls and
+    tool results) are appended to the prompt messages. A completion with no assistant text gives an
+    empty response, which the scorer floors.
+    """
+    if isinstance(completion, str):
+        if not isinstance(prompt, str):
+            prompt = _text_messages(prompt)
+        return prompt, completion
+    messages = _text_messages(completion)
+    last_assistant = max(
+        (i for i, message in enumerate(messages) if message.get("role") == "assistant"),
+        default=None,
+    )
+    context = list(prompt) if not isinstance(prompt, str) else [{"role": "user", "content": prompt}]
+    if last_assistant is None:
+        return _text_messages(context), ""
+    context = _text_messages(context) + messages[:last_assistant]
+    return context, messages[last_assistant]["content"]
+
+
+def _resolve_device(device: str) -> str:
+    """``"auto"`` under a multi-process launch (``LOCAL_RANK`` set) with CUDA -> ``cuda:<LOCAL_RANK>``."""
+    if device == "auto" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
+
+
+class _CMERewardBase:
+    """Shared state and scoring of the sync and async CME reward callables."""
+
+    def __init__(
+        self,
+        verifier: str | None = None,
+        *,
+        scorer: CMEScorer | None = None,
+        name: str = "cme",
+        lazy: bool = False,
+        **scorer_options: Any,
+    ) -> None:
+        """Args:
+        verifier: verifier name (SPEC.md: built-in name, ``.gguf`` or folder path, hub id,
+            ``random:<...>``); default SmolLM2-135M-Instruct; ignored when ``scorer`` is given.
+        scorer: an existing ``CMEScorer`` to share (for example between a sync and an async
+            reward, or with evaluation code); no other scorer is built.
+        name: the name TRL shows in its logs (``rewards/<name>/mean``, the completions table)
+            and the prefix of the columns and metrics logged here.
+        lazy: build the scorer (load the verifier) on the first call instead of now. Default
+            ``False``: a bad verifier or option fails at start-up. Options are checked now either way.
+        **scorer_options: keyword arguments of ``CMEScorer`` (``device``, ``dtype``,
+            ``max_length``, ``reduction``, ``floor``, ...). ``device="auto"`` (the scorer's
+            default) picks ``cuda:$LOCAL_RANK`` under a multi-process launch.
+        """
+        unknown = sorted(set(scorer_options) - _SCORER_OPTIONS)
+        if unknown:
+            raise TypeError(
+                f"unknown CMEScorer option(s) {unknown}; known options: {sorted(_SCORER_OPTIONS)}"
+            )
+        if scorer is not None and scorer_options:
+            raise TypeError("pass either scorer= or CMEScorer options, not both")
+        self.__name__ = name
+        self.verifier = scorer.verifier_name if scorer is not None else verifier or DEFAULT_VERIFIER
+        self._options = {**scorer_options}
+        self._options["device"] = _resolve_device(self._options.get("device", "auto"))
+        self._scorer = scorer
+        self._build_lock = threading.Lock()
+        self.last_results: list[CMEResult] = []
+        """Results of the latest call, in completion order (for inspection and tests)."""
+        if not lazy:
+            self._get_scorer()
+
+    @property
+    def scorer(self) -> CMEScorer:
+        """The ``CMEScorer`` in use (built now if construction was lazy)."""
+        return self._get_scorer()
+
+    def _get_scorer(self) -> CMEScorer:
+        with self._build_lock:
+            if self._scorer is None:
+                self._scorer = CMEScorer(self.verifier, **self._options)
+            return self._scorer
+
+    def _score(
+        self,
+        prompts: Sequence[Prompt],
+        completions: Sequence[Completion],
+        ids: Sequence[Any] | None,
+    ) -> list[CMEResult]:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        pairs = [to_verifier_pair(p, c) for p, c in zip(prompts, completions, strict=True)]
+        return self._get_scorer().score(
+            [p for p, _ in pairs],
+            [r for _, r in pairs],
+            ids=None if ids is None else [str(i) for i in ids],
+        )
+
+    def _finish(
+        self,
+        results: list[CMEResult],
+        log_extra: Callable[[str, list], None] | None,
+        log_metric: Callable[[str, float], None] | None,
+    ) -> list[float]:
+        """Record, log through TRL's hooks when given, and return the rewards (nats)."""
+        self.last_results = results
+        name = self.__name__
+        if log_extra is not None:
+            log_extra(f"{name}/n_tokens", [r.n_tokens for r in results])
+            log_extra(f"{name}/truncated", [r.truncated for r in results])
+            log_extra(f"{name}/error", [r.error for r in results])
+        if log_metric is not None and results:
+            n = len(results)
+            log_metric(f"{name}/n_tokens", sum(r.n_tokens for r in results) / n)
+            log_metric(f"{name}/truncated", sum(r.truncated for r in results) / n)
+            log_metric(f"{name}/error", sum(r.error is not None for r in results) / n)
+        return [r.cme for r in results]
+
+    def __repr__(self) -> str:
+        state = "loaded" if self._scorer is not None else "not loaded"
+        return f"{type(self).__name__}(name={self.__name__!r}, verifier={self.verifier!r}, {state})"
+
+
+class CMEReward(_CMERewardBase):
+    """Synchronous CME reward for ``GRPOTrainer(reward_funcs=...)``.
+
+    Example::
+
+        reward = CMEReward("gemma3-270m", max_length=4096)
+        trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=config, train_dataset=ds)
+
+    Called with TRL's keyword arguments; returns one reward (nats) per completion. An ``id``
+    dataset column, when present, names samples in the scorer's warnings. Logs per completion
+    ``<name>/n_tokens``, ``<name>/truncated``, ``<name>/error`` (``log_extra``: columns of the
+    completions table) and their batch means (``log_metric``).
+    """
+
+    def __call__(
+        self,
+        prompts: Sequence[Prompt],
+        completions: Sequence[Completion],
+        *,
+        id: Sequence[Any] | None = None,  # noqa: A002 - TRL passes dataset columns by their name
+        log_extra: Callable[[str, list], None] | None = None,
+        log_metric: Callable[[str, float], None] | None = None,
+        **kwargs: Any,
+    ) -> list[float]:
+        return self._finish(self._score(prompts, completions, id), log_extra, log_metric)
+
+
+class AsyncCMEReward(_CMERewardBase):
+    """``CMEReward`` with ``async def __call__``: TRL awaits it alongside other async rewards.
+
+    Scoring runs in a worker thread (``asyncio.to_thread``), so the event loop stays free; the
+    scorer's own lock serialises forward passes on one verifier.
+    """
+
+    async def __call__(
+        self,
+        prompts: Sequence[Prompt],
+        completions: Sequence[Completion],
+        *,
+        id: Sequence[Any] | None = None,  # noqa: A002 - TRL passes dataset columns by their name
+        log_extra: Callable[[str, list], None] | None = None,
+        log_metric: Callable[[str, float], None] | None = None,
+        **kwargs: Any,
+    ) -> list[float]:
+        results = await asyncio.to_thread(self._score, prompts, completions, id)
+        return self._finish(results, log_extra, log_metric)
+
+
+class LengthPenalty:
+    """Reward ``-len(completion_ids) / max_tokens`` (policy tokens), in ``[-1, 0]`` for
+    completions up to ``max_tokens``.
+
+    Maximising CME drifts response length (DESIGN.md); combine the two with
+    ``GRPOConfig(reward_weights=[1.0, w])`` to counter it.
+    """
+
+    def __init__(self, max_tokens: int, *, name: str = "length_penalty") -> None:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        self.max_tokens = max_tokens
+        self.__name__ = name
+
+    def __call__(self, completion_ids: Sequence[Sequence[int]], **kwargs: Any) -> list[float]:
+        return [-len(ids) / self.max_tokens for ids in completion_ids]
+
+
+cme = CMEReward(lazy=True)
+"""CME under the default verifier (SmolLM2-135M-Instruct), loaded on first call; for
+``trl grpo --reward_funcs cme_rewards.trl.cme``."""

@@ -1,0 +1,197 @@
+"""GRPO with the CME reward in TRL, with the paper's settings as defaults.
+
+    python integrations/trl/train_grpo_cme.py \
+        --policy smollm2-135m-instruct --verifier gemma3-270m \
+        --prompts prompts.jsonl --output_dir runs/cme
+
+Defaults (overridable; every ``GRPOConfig`` flag is accepted, and ``--config file.yaml``):
+group size ``--num_generations 8``, ``--temperature 1.0``, ``--learning_rate 3e-6``,
+``--max_completion_length 2048``, and ``--beta`` (KL coefficient) 0.01 when the policy's tokenizer
+has a chat template (an instruct policy), else 0. ``--use_cpu`` defaults to true when no CUDA
+device is present.
+
+``--prompts``: JSONL, one prompt per line, as ``{"prompt": "text"}`` (standard format) or
+``{"messages": [{"role": "user", "content": ...}, ...]}`` (conversational; trailing assistant
+turns, such as a reference answer, are dropped). All lines use one of the two. An optional ``id``
+field names samples in warnings.
+
+``--policy`` and ``--verifier`` accept the built-in names of ``cme_rewards.models`` (the policy is
+then loaded from the package's converted transformers folder), a local folder, or a hub id.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cme_rewards.io import InputError, read_jsonl
+from cme_rewards.models import BUILTIN_VERIFIERS, cached_model_dir
+from cme_rewards.trl import AsyncCMEReward, CMEReward, LengthPenalty
+
+PAPER_DEFAULTS: dict[str, Any] = {
+    "num_generations": 8,
+    "temperature": 1.0,
+    "learning_rate": 3e-6,
+    "max_completion_length": 2048,
+    "beta": None,  # resolved by instruct_beta()
+}
+INSTRUCT_BETA = 0.01
+
+
+@dataclass
+class CMEScriptArguments:
+    """Arguments of this script beside ``GRPOConfig``'s."""
+
+    policy: str = field(metadata={"help": "Policy: built-in name, local folder or hub id."})
+    prompts: str = field(metadata={"help": "JSONL of prompts ('prompt' or 'messages' per line)."})
+    verifier: str = field(
+        default="smollm2-135m-instruct",
+        metadata={"help": "Verifier (SPEC naming: built-in, .gguf, folder, hub id, random:<...>)."},
+    )
+    verifier_device: str = field(default="auto", metadata={"help": "Device of the verifier."})
+    verifier_dtype: str = field(default="float32", metadata={"help": "Verifier dtype."})
+    verifier_max_length: int = field(
+        default=2048, metadata={"help": "Verifier tokens per prompt+response (cut from the left)."}
+    )
+    async_reward: bool = field(
+        default=False,
+        metadata={"help": "Use the async CME reward (runs beside other async rewards)."},
+    )
+    length_penalty: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of a length penalty -len/max_completion_length added to CME (0: none)."
+        },
+    )
+    limit: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    save_model: bool = field(default=True, metadata={"help": "Save the trained policy at the end."})
+
+
+def resolve_model(name: str) -> str:
+    """A built-in model name -> its converted transformers folder; anything else unchanged."""
+    return str(cached_model_dir(name)) if name in BUILTIN_VERIFIERS else name
+
+
+def load_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Rows ``{"prompt": str | list[message]}`` (plus ``id`` as a string when given) from JSONL.
+
+    Raises ``InputError`` naming ``file:line`` for a line without ``prompt``/``messages``, a wrong
+    type, an empty conversation, or a file mixing the standard and conversational formats.
+    """
+    rows: list[dict[str, Any]] = []
+    kind: tuple[str, int] | None = None  # ("standard" | "conversational", first line of that kind)
+    for lineno, record in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        if "prompt" in record and isinstance(record["prompt"], str):
+            prompt: str | list[dict[str, Any]] = record["prompt"]
+            this = "standard"
+        elif "messages" in record or isinstance(record.get("prompt"), list):
+            key = "messages" if "messages" in record else "prompt"
+            messages = record[key]
+            if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in messages
+            ):
+                raise InputError(
+                    f"{where}: field '{key}' must be a list of {{role, content}} messages"
+                )
+            while messages and messages[-1]["role"] == "assistant":
+                messages = messages[:-1]
+            if not messages:
+                raise InputError(f"{where}: field '{key}' has no message before the assistant turn")
+            prompt, this = messages, "conversational"
+        else:
+            raise InputError(f"{where}: expected a 'prompt' string or a 'messages' list")
+        if kind is None:
+            kind = (this, lineno)
+        elif kind[0] != this:
+            raise InputError(
+                f"{where}: {this} prompt, but line {kind[1]} is {kind[0]}; use one format per file"
+            )
+        row: dict[str, Any] = {"prompt": prompt}
+        if "id" in record:
+            row["id"] = str(record["id"])
+        rows.append(row)
+        if limit is not None and len(rows) >= limit:
+            break
+    if not rows:
+        raise InputError(f"{path}: no prompts")
+    if any("id" in r for r in rows) and not all("id" in r for r in rows):
+        raise InputError(f"{path}: 'id' is given on some lines but not all")
+    return rows
+
+
+def instruct_beta(tokenizer: Any) -> float:
+    """The paper's KL coefficient: 0.01 for instruct policies (tokenizer has a chat template), else 0."""
+    return INSTRUCT_BETA if getattr(tokenizer, "chat_template", None) else 0.0
+
+
+def make_parser():
+    """``TrlParser`` over (``CMEScriptArguments``, ``GRPOConfig``) with the paper's defaults, and
+    ``--use_cpu`` defaulting to true where no CUDA device is present."""
+    import torch
+    from trl import GRPOConfig, TrlParser
+
+    parser = TrlParser((CMEScriptArguments, GRPOConfig))
+    parser.set_defaults_with_config(**PAPER_DEFAULTS, use_cpu=not torch.cuda.is_available())
+    return parser
+
+
+def build_rewards(args: CMEScriptArguments, config: Any) -> list[Any]:
+    """CME (sync or async) plus, when ``--length_penalty`` > 0, a ``LengthPenalty``; sets
+    ``config.reward_weights`` to ``[1, length_penalty]`` unless given."""
+    reward_cls = AsyncCMEReward if args.async_reward else CMEReward
+    rewards: list[Any] = [
+        reward_cls(
+            args.verifier,
+            device=args.verifier_device,
+            dtype=args.verifier_dtype,
+            max_length=args.verifier_max_length,
+        )
+    ]
+    if args.length_penalty > 0:
+        rewards.append(LengthPenalty(config.max_completion_length))
+        if config.reward_weights is None:
+            config.reward_weights = [1.0, args.length_penalty]
+    return rewards
+
+
+def run(argv: list[str] | None = None) -> Any:
+    """Parse ``argv`` (default ``sys.argv[1:]``), train, save unless ``--save_model false``; returns
+    the ``GRPOTrainer``. Raises ``InputError`` naming ``file:line`` for a bad prompt file."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import GRPOTrainer
+
+    args, config = make_parser().parse_args_and_config(args=argv)
+    rows = load_prompts(args.prompts, args.limit)
+    policy = resolve_model(args.policy)
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    if config.beta is None:
+        config.beta = instruct_beta(tokenizer)
+    trainer = GRPOTrainer(
+        model=policy,
+        reward_funcs=build_rewards(args, config),
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    if args.save_model:
+        trainer.save_model(config.output_dir)
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: 0 on success, 2 with a message for a bad prompt file."""
+    try:
+        run(argv)
+    except InputError as exc:
+        print(f"error: --prompts: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

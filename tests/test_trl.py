@@ -1,0 +1,388 @@
+"""CME reward callables for TRL: signature, names, hooks, floors, async, and a tiny GRPOTrainer run.
+
+Most tests use tiny random-weight Llamas over the real SmolLM2 tokenizer (fast). The slow test
+runs integrations/trl/train_grpo_cme.py with two real models: policy SmolLM2-135M-Instruct (an
+instruct policy with a chat template, so the script's KL beta is the paper's 0.01 and a reference
+model runs too) and verifier Gemma-3-270M (another family and tokenizer, as in the paper). The CME
+values TRL logged (its completions tables) must equal a fresh ``CMEScorer`` on the same prompts and
+completions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from trl.trainer import utils as trl_utils
+
+from cme_rewards import FLOOR_REWARD, CMEScorer
+from cme_rewards.io import InputError
+from cme_rewards.models import cached_model_dir
+from cme_rewards.trl import AsyncCMEReward, CMEReward, LengthPenalty, to_verifier_pair
+
+PROMPTS = ["Name a primary colour.", "What is two plus two?"]
+COMPLETIONS = ["Red is a primary colour.", "Four."]
+CHAT_PROMPTS = [[{"role": "user", "content": p}] for p in PROMPTS]
+CHAT_COMPLETIONS = [[{"role": "assistant", "content": c}] for c in COMPLETIONS]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(cached_model_dir("smollm2-135m-instruct"))
+
+
+def tiny_llama(vocab_size: int, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def scorer(tokenizer) -> CMEScorer:
+    return CMEScorer(
+        "tiny-verifier", model=tiny_llama(len(tokenizer), seed=1), tokenizer=tokenizer, device="cpu"
+    )
+
+
+def float64_cme(scorer: CMEScorer, prompt, response: str) -> float:
+    """Mean log-prob of the scored tokens, computed in float64 from the model's full logits."""
+    enc = scorer.encode(prompt, response)
+    model = copy.deepcopy(scorer.model).double()
+    with torch.no_grad():
+        logits = model(torch.tensor([enc.input_ids])).logits[0]
+    logprobs = torch.log_softmax(logits, dim=-1)[enc.n_prompt - 1 : -1]
+    targets = torch.tensor(enc.input_ids[enc.n_prompt :])
+    return logprobs.gather(1, targets[:, None]).mean().item()
+
+
+class Hooks:
+    """Records what a reward function sends to TRL's ``log_extra`` / ``log_metric``."""
+
+    def __init__(self) -> None:
+        self.extra: dict[str, list] = {}
+        self.metrics: dict[str, float] = {}
+
+    def log_extra(self, column: str, values: list) -> None:
+        self.extra[column] = values
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.metrics[name] = value
+
+
+def test_to_verifier_pair_formats():
+    assert to_verifier_pair("Hi", "Hello") == ("Hi", "Hello")
+    chat = [{"role": "user", "content": "Hi"}]
+    assert to_verifier_pair(chat, [{"role": "assistant", "content": "Hello"}]) == (chat, "Hello")
+    blocks = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    assert to_verifier_pair(blocks, [{"role": "assistant", "content": "Yo"}]) == (chat, "Yo")
+    tool_turns = [
+        {"role": "assistant", "content": "", "tool_calls": [{"name": "add"}]},
+        {"role": "tool", "content": "4"},
+        {"role": "assistant", "content": "It is 4."},
+    ]
+    prompt, response = to_verifier_pair(chat, tool_turns)
+    assert response == "It is 4."
+    assert [m["role"] for m in prompt] == ["user", "assistant", "tool"]
+    assert to_verifier_pair(chat, [{"role": "assistant", "content": None}]) == (chat, "")
+
+
+def test_reward_matches_float64_reference_and_trl_sees_a_named_callable(scorer):
+    reward = CMEReward(scorer=scorer)
+    assert not isinstance(reward, nn.Module)
+    assert trl_utils.get_callable_name(reward) == "cme"
+    assert not trl_utils.is_async_callable(reward)
+    values = reward(
+        prompts=PROMPTS,
+        completions=COMPLETIONS,
+        completion_ids=[[1, 2], [3]],
+        trainer_state=object(),
+        some_dataset_column=["a", "b"],
+    )
+    assert len(values) == 2 and all(isinstance(v, float) for v in values)
+    for value, prompt, completion in zip(values, PROMPTS, COMPLETIONS, strict=True):
+        assert value == pytest.approx(float64_cme(scorer, prompt, completion), abs=1e-5)
+    assert [r.cme for r in reward.last_results] == values
+
+
+def test_conversational_equals_scoring_the_messages(scorer):
+    values = CMEReward(scorer=scorer)(prompts=CHAT_PROMPTS, completions=CHAT_COMPLETIONS)
+    direct = scorer.score(CHAT_PROMPTS, COMPLETIONS)
+    assert values == [r.cme for r in direct]
+    # the verifier's chat template wraps a string prompt the same way as one user message
+    assert values == CMEReward(scorer=scorer)(prompts=PROMPTS, completions=COMPLETIONS)
+
+
+def test_hooks_log_tokens_truncation_and_floors(scorer):
+    hooks = Hooks()
+    reward = CMEReward(scorer=scorer, name="cme_tiny")
+    values = reward(
+        prompts=PROMPTS + ["Say nothing."],
+        completions=COMPLETIONS + [""],
+        id=["p0", "p1", "p2"],
+        log_extra=hooks.log_extra,
+        log_metric=hooks.log_metric,
+    )
+    assert values[2] == FLOOR_REWARD and all(math.isfinite(v) for v in values)
+    results = reward.last_results
+    assert [r.id for r in results] == ["p0", "p1", "p2"]
+    assert hooks.extra["cme_tiny/n_tokens"] == [r.n_tokens for r in results]
+    assert (
+        hooks.extra["cme_tiny/n_tokens"][2] == 0 and min(hooks.extra["cme_tiny/n_tokens"][:2]) > 0
+    )
+    assert hooks.extra["cme_tiny/truncated"] == [False, False, False]
+    assert hooks.extra["cme_tiny/error"][:2] == [None, None] and hooks.extra["cme_tiny/error"][2]
+    assert hooks.metrics["cme_tiny/n_tokens"] == pytest.approx(sum(r.n_tokens for r in results) / 3)
+    assert hooks.metrics["cme_tiny/truncated"] == 0.0
+    assert hooks.metrics["cme_tiny/error"] == pytest.approx(1 / 3)
+
+
+def test_truncation_is_reported(tokenizer):
+    model = tiny_llama(len(tokenizer), seed=1)
+    short = CMEScorer("tiny", model=model, tokenizer=tokenizer, device="cpu", max_length=12)
+    hooks = Hooks()
+    CMEReward(scorer=short)(
+        prompts=PROMPTS,
+        completions=["word " * 40, "Four."],
+        log_extra=hooks.log_extra,
+        log_metric=hooks.log_metric,
+    )
+    assert hooks.extra["cme/truncated"] == [True, True]
+    assert hooks.extra["cme/n_tokens"][0] == 11
+    assert hooks.metrics["cme/truncated"] == 1.0
+
+
+def test_async_reward_is_awaited_and_equals_sync(scorer):
+    reward = AsyncCMEReward(scorer=scorer, name="cme_async")
+    assert trl_utils.is_async_callable(reward)
+    assert trl_utils.get_callable_name(reward) == "cme_async"
+    values = asyncio.run(reward(prompts=PROMPTS, completions=COMPLETIONS, trainer_state=None))
+    assert values == CMEReward(scorer=scorer)(prompts=PROMPTS, completions=COMPLETIONS)
+
+
+def test_lazy_construction_and_option_checks(monkeypatch, tokenizer):
+    with pytest.raises(TypeError, match="max_lenght"):
+        CMEReward(lazy=True, max_lenght=10)
+    with pytest.raises(ValueError, match="unknown verifier"):
+        CMEReward("no-such-verifier")  # eager: fails at start-up
+    built = []
+    monkeypatch.setattr(
+        "cme_rewards.trl.CMEScorer",
+        lambda verifier, **kw: (
+            built.append((verifier, kw))
+            or CMEScorer(
+                verifier, model=tiny_llama(len(tokenizer), seed=2), tokenizer=tokenizer, **kw
+            )
+        ),
+    )
+    reward = CMEReward("some-verifier", lazy=True, device="cpu", max_length=64)
+    assert built == [] and "not loaded" in repr(reward)
+    reward(prompts=PROMPTS, completions=COMPLETIONS)
+    reward(prompts=PROMPTS, completions=COMPLETIONS)
+    assert built == [("some-verifier", {"device": "cpu", "max_length": 64})]
+    # the module-level reward that `trl grpo --reward_funcs cme_rewards.trl.cme` imports
+    default = importlib.import_module("cme_rewards.trl").cme
+    assert trl_utils.get_callable_name(default) == "cme" and "not loaded" in repr(default)
+
+
+def test_length_penalty():
+    penalty = LengthPenalty(8)
+    assert trl_utils.get_callable_name(penalty) == "length_penalty"
+    assert penalty(completion_ids=[[1] * 8, [], [1, 2]], prompts=["a", "b", "c"]) == [
+        -1.0,
+        0.0,
+        -0.25,
+    ]
+    with pytest.raises(ValueError):
+        LengthPenalty(0)
+
+
+def load_script():
+    """The integration script as a module (it is a file, not part of the package)."""
+    if "train_grpo_cme" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "integrations" / "trl" / "train_grpo_cme.py"
+        spec = importlib.util.spec_from_file_location("train_grpo_cme", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["train_grpo_cme"] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+    return sys.modules["train_grpo_cme"]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_script_prompt_file(tmp_path):
+    script = load_script()
+    standard = write_jsonl(
+        tmp_path / "s.jsonl", [{"prompt": "A", "id": 1}, {"prompt": "B", "id": 2}]
+    )
+    assert script.load_prompts(standard) == [{"prompt": "A", "id": "1"}, {"prompt": "B", "id": "2"}]
+    chat = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "reference"}]
+    rows = script.load_prompts(write_jsonl(tmp_path / "c.jsonl", [{"messages": chat}]))
+    assert rows == [{"prompt": chat[:1]}]
+    assert script.load_prompts(standard, limit=1) == [{"prompt": "A", "id": "1"}]
+    mixed = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "A"}, {"messages": chat}])
+    with pytest.raises(
+        InputError, match=r"m\.jsonl:2: conversational prompt, but line 1 is standard"
+    ):
+        script.load_prompts(mixed)
+    missing = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "A"}, {"text": "B"}])
+    with pytest.raises(
+        InputError, match=r"x\.jsonl:2: expected a 'prompt' string or a 'messages' list"
+    ):
+        script.load_prompts(missing)
+    assert script.main(["--policy", "p", "--prompts", str(missing)]) == 2
+
+
+def test_script_defaults_are_the_papers(tmp_path):
+    script = load_script()
+    args, config = script.make_parser().parse_args_and_config(
+        args=["--policy", "p", "--prompts", "x.jsonl", "--output_dir", str(tmp_path)]
+    )
+    assert (config.num_generations, config.temperature, config.learning_rate) == (8, 1.0, 3e-6)
+    assert config.max_completion_length == 2048 and config.beta is None
+    assert args.verifier == "smollm2-135m-instruct"
+
+    class Tok:
+        chat_template = None
+
+    assert script.instruct_beta(Tok()) == 0.0
+    Tok.chat_template = "{{ messages }}"
+    assert script.instruct_beta(Tok()) == 0.01
+
+
+def test_tiny_grpo_run_async_cme_plus_length_penalty(tmp_path, tokenizer, scorer):
+    """A real GRPOTrainer (tiny random policy, conversational prompts) with async CME + length
+    penalty: TRL's logged CME rewards and columns equal the scorer on the logged completions."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    policy = tiny_llama(len(tokenizer), seed=3)
+    cme = AsyncCMEReward(scorer=scorer)
+    config = GRPOConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=8,
+        reward_weights=[1.0, 0.5],
+        logging_steps=1,
+        log_completions=True,
+        report_to="none",
+        save_strategy="no",
+    )
+    dataset = Dataset.from_list(
+        [{"prompt": p, "id": f"q{i}"} for i, p in enumerate(CHAT_PROMPTS * 2)]
+    )
+    trainer = GRPOTrainer(
+        model=policy,
+        reward_funcs=[cme, LengthPenalty(8)],
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 2
+    tables = sorted((tmp_path / "completions").glob("*.parquet"))
+    assert len(tables) == 2
+    weighted = []
+    for table in map(pd.read_parquet, tables):
+        prompts = [[dict(m) for m in p] for p in table["prompt"]]
+        responses = [c[0]["content"] for c in table["completion"]]
+        fresh = scorer.score(prompts, responses)
+        assert any(r.error is None for r in fresh)
+        assert table["cme"].tolist() == pytest.approx([r.cme for r in fresh], abs=1e-4)
+        assert table["cme/n_tokens"].tolist() == [r.n_tokens for r in fresh]
+        assert table["cme/truncated"].tolist() == [r.truncated for r in fresh]
+        penalties = table["length_penalty"].to_numpy()
+        assert ((penalties <= 0) & (penalties >= -1) & ((penalties * 8) % 1 == 0)).all()
+        weighted.append((table["cme"] + 0.5 * table["length_penalty"]).mean())
+    logged = [h for h in trainer.state.log_history if "rewards/cme/mean" in h]
+    assert len(logged) == 2 and all("cme/n_tokens" in h and "cme/error" in h for h in logged)
+    # TRL's "reward" is the reward_weights-weighted sum of CME and the length penalty
+    assert [h["reward"] for h in logged] == pytest.approx(weighted, abs=1e-4)
+
+
+REAL_PROMPTS = [
+    "Name three primary colours.",
+    "What is the capital of France?",
+    "Give one tip for sleeping better.",
+    "Write a haiku about rain.",
+]
+
+
+@pytest.mark.slow
+def test_grpo_two_steps_smollm2_policy_gemma_verifier(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "messages": [{"role": "user", "content": p}]}) + "\n"
+            for i, p in enumerate(REAL_PROMPTS)
+        )
+    )
+    out = tmp_path / "run"
+    trainer = load_script().run(
+        [
+            "--policy", "smollm2-135m-instruct",
+            "--verifier", "gemma3-270m",
+            "--verifier_device", "cpu",
+            "--prompts", str(prompts),
+            "--output_dir", str(out),
+            "--use_cpu", "true",
+            "--bf16", "false",
+            "--max_steps", "2",
+            "--per_device_train_batch_size", "4",
+            "--num_generations", "2",
+            "--max_completion_length", "16",
+            "--logging_steps", "1",
+            "--log_completions", "true",
+            "--report_to", "none",
+            "--save_strategy", "no",
+            "--save_model", "false",
+            "--gradient_checkpointing", "false",  # on by default in TRL; costs recompute on CPU
+        ]
+    )  # fmt: skip
+    assert trainer.state.global_step == 2
+    assert trainer.args.beta == 0.01  # instruct policy -> the paper's KL coefficient
+    assert (trainer.args.temperature, trainer.args.learning_rate) == (1.0, 3e-6)
+
+    tables = [pd.read_parquet(p) for p in sorted((out / "completions").glob("*.parquet"))]
+    assert len(tables) == 2 and all(len(t) == 4 for t in tables)
+    prompts_seen = [[dict(m) for m in p] for t in tables for p in t["prompt"]]
+    responses = [c[0]["content"] for t in tables for c in t["completion"]]
+    assert {m[0]["content"] for m in prompts_seen} <= set(REAL_PROMPTS)
+
+    fresh = CMEScorer("gemma3-270m", device="cpu").score(prompts_seen, responses)
+    logged = pd.concat(tables)
+    assert logged["cme"].tolist() == pytest.approx([r.cme for r in fresh], abs=1e-4)
+    assert logged["cme/n_tokens"].tolist() == [r.n_tokens for r in fresh]
+    assert logged["cme/truncated"].tolist() == [r.truncated for r in fresh]
+    scored = [r for r in fresh if r.error is None]
+    assert len(scored) >= 6 and all(-20 < r.cme < 0 for r in scored)
+
+    steps = [h for h in trainer.state.log_history if "rewards/cme/mean" in h]
+    assert len(steps) == 2
+    for step, table in zip(steps, tables, strict=True):
+        assert step["rewards/cme/mean"] == pytest.approx(table["cme"].mean(), abs=1e-4)
+        assert step["cme/n_tokens"] == pytest.approx(table["cme/n_tokens"].mean())
+        assert "kl" in step
