@@ -1,0 +1,136 @@
+"""``cme-rewards score``: real verifiers against a plain float64 transformers forward, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonlines
+import pytest
+import torch
+from conftest import EXAMPLES
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cme_rewards import cached_model_dir
+from cme_rewards.cli import main as cli_main
+from cme_rewards.formatting import build_verifier_input
+from cme_rewards.ops.reference import reference_token_logprobs
+
+# Verifier token budgets that keep the float64 reference forward quick on 2 CPU cores (Gemma's
+# 262,144-word output head costs 100 GFLOP per 300 tokens in float64).
+MAX_LENGTH = {"smollm2-135m-instruct": 256, "gemma3-270m": 128}
+
+
+def alpaca_pairs(shared: Path | None) -> list[dict]:
+    """20 AlpacaEval instructions with both answers: from ../shared when present, else the example."""
+    if shared is None:
+        return list(jsonlines.open(EXAMPLES / "alpaca_pairs.jsonl"))
+    records = json.loads((shared / "alpaca_eval" / "claude-2.1.annotations.json").read_text())[:20]
+    return [
+        {"id": f"{i}-{key}", "group": i, "prompt": r["instruction"], "response": r[key]}
+        for i, r in enumerate(records) for key in ("output_1", "output_2")
+    ]
+
+
+def float64_reference(
+    folder: Path, rows: list[dict], tokenizer, max_length: int
+) -> list[tuple[float, list[int]]]:
+    """Plain transformers float64 forward over the ids the scorer should build: (cme, scored ids)."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    out = []
+    with torch.inference_mode():
+        for row in rows:
+            x = build_verifier_input(tokenizer, row["prompt"], row["response"], max_length=max_length)
+            n = x.n_scored
+            logits = model(torch.tensor([x.input_ids]), logits_to_keep=n + 1).logits[0, :-1]
+            lp = reference_token_logprobs(logits, torch.tensor(x.input_ids[-n:]))
+            out.append((float(lp.mean()), x.input_ids[-n:]))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verifier", ["smollm2-135m-instruct", "gemma3-270m"])
+def test_score_cli_matches_float64_forward(tmp_path, verifier):
+    from conftest import shared_data_dir
+
+    rows = alpaca_pairs(shared_data_dir())
+    assert len({r["prompt"] for r in rows}) >= 20 and len(rows) >= 40
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    with jsonlines.open(src, "w") as w:
+        w.write_all(rows)
+    assert cli_main(["score", str(src), "-o", str(dst), "--verifier", verifier,
+                     "--max-length", str(MAX_LENGTH[verifier]), "--device", "cpu", "--no-progress"]) == 0
+    scored = list(jsonlines.open(dst))
+    folder = cached_model_dir(verifier)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    reference = float64_reference(folder, rows, tokenizer, MAX_LENGTH[verifier])
+    for row, out, (cme64, ids) in zip(rows, scored, reference, strict=True):
+        assert {k: out[k] for k in row} == row  # every input field kept
+        assert out["error"] is None and out["n_tokens"] == len(ids)
+        assert abs(out["cme"] - cme64) < 1e-4, row["id"]
+        if out["truncated"]:  # the response was cut: its scored tokens are its first ones
+            assert row["response"].startswith(tokenizer.decode(ids[:-1]).rstrip("\ufffd"))
+        else:
+            assert tokenizer.decode(ids) == row["response"]
+    for group in {r["group"] for r in rows}:
+        pair = [o for o in scored if o["group"] == group]
+        assert pair[0]["advantage"] == pytest.approx(-pair[1]["advantage"], abs=1e-9)
+
+
+def _run(tmp_path: Path, lines: list[bytes]) -> tuple[int, Path]:
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    dst.write_text("previous results\n")
+    return cli_main(["score", str(src), "-o", str(dst), "--no-progress"]), dst
+
+
+GOOD = b'{"prompt": "Hi", "response": "Hello"}'
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "message"),
+    [
+        (b'{"prompt": "Hi", "response": "Hello"', "in.jsonl:2: malformed JSON"),
+        (b'["not", "an", "object"]', "in.jsonl:2: expected a JSON object"),
+        (b'{"response": "Hello"}', "in.jsonl:2: missing field 'prompt'"),
+        (b'{"prompt": "Hi"}', "in.jsonl:2: missing field 'response'"),
+        (b'{"prompt": "Hi", "response": 5}', "in.jsonl:2: field 'response' must be a string"),
+        (b'{"messages": [{"role": "user"}], "response": "x"}', "in.jsonl:2: field 'messages'[0]"),
+        (b'{"prompt": "Hi", "response": "x", "id": [1]}', "in.jsonl:2: field 'id'"),
+        (b'{"prompt": "Hi", "response": "caf\xe9"}', "in.jsonl:2: not valid UTF-8"),
+    ],
+)
+def test_bad_input_names_line_and_field_and_writes_nothing(tmp_path, capsys, bad_line, message):
+    code, dst = _run(tmp_path, [GOOD, bad_line, GOOD])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert dst.read_text() == "previous results\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_empty_input_is_an_error(tmp_path, capsys):
+    code, _ = _run(tmp_path, [b""])
+    assert code == 2 and "no records" in capsys.readouterr().err
+
+
+def test_unknown_verifier_is_named(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(GOOD + b"\n")
+    assert cli_main(["score", str(src), "-o", str(tmp_path / "o.jsonl"), "--verifier", "nope"]) == 2
+    assert "unknown verifier 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_unscorable_lines_get_the_floor_and_same_keys(tmp_path):
+    code, dst = _run(tmp_path, [
+        b'{"id": "ok", "prompt": "Hi", "response": "Hello", "group": "g"}',
+        b'{"id": "empty", "prompt": "Hi", "response": "", "group": "g"}',
+        b'{"id": "surrogate", "prompt": "Hi", "response": "bad \\udc80", "group": "g"}',
+        b'{"id": "nogroup", "messages": [{"role": "user", "content": "Hi"}], "response": "Hey"}',
+    ])
+    assert code == 0
+    out = [json.loads(line) for line in dst.open()]  # stdlib json: it reads lone-surrogate escapes
+    assert [o["error"] for o in out] == [None, "empty response", "undecodable text in response", None]
+    assert out[1]["cme"] == out[2]["cme"] == -50.0
+    assert out[2]["response"] == "bad \udc80"  # written back as the same JSON escape
+    assert all("advantage" in o for o in out[:3]) and "advantage" not in out[3]
