@@ -1,0 +1,269 @@
+"""Read pairwise judgments: judgment JSONL (SPEC.md schema) and AlpacaEval ``annotations.json`` files.
+
+Every judgment becomes one :class:`Judgment` with ``q`` = P(model wins) in [0, 1] (AlpacaEval's
+``preference - 1``, or the discrete score when only ``winner`` is given) and a discrete score ``d``
+in {0, 0.5, 1} (baseline wins, tie, model wins) taken from ``winner`` when given, else from the
+side of 1.5 the preference falls on (as AlpacaEval counts ``n_wins``).
+Rows that carry no usable verdict (AlpacaEval NaN preferences, judge ``error`` lines) are not
+silently lost: they are counted in :attr:`Judgments.dropped`, keyed by
+``(model, baseline, judge, reason)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cme_rewards.io import InputError, read_jsonl
+
+WINNER_SCORES = {"model": 1.0, "baseline": 0.0, "tie": 0.5}
+ORDERS = ("model_first", "baseline_first")
+DROP_NAN = "nan_preference"
+DROP_ERROR = "judge_error"
+
+
+@dataclass(frozen=True)
+class Judgment:
+    """One usable verdict of one judge on one (prompt, model, baseline) pair.
+
+    ``q``: probability that the model wins, in [0, 1] (ties count 0.5).
+    ``d``: discrete score, 1 = model wins, 0 = baseline wins, 0.5 = tie.
+    ``len_model`` / ``len_baseline``: answer lengths in characters, or None when not given.
+    """
+
+    prompt: str
+    model: str
+    baseline: str
+    judge: str
+    order: str | None
+    q: float
+    d: float
+    len_model: int | None
+    len_baseline: int | None
+
+
+@dataclass
+class Judgments:
+    """All usable judgments read from one or more files, and the counts of dropped rows."""
+
+    rows: list[Judgment] = field(default_factory=list)
+    dropped: Counter = field(default_factory=Counter)  # (model, baseline, judge, reason) -> n
+    files: list[str] = field(default_factory=list)
+
+    def extend(self, other: Judgments) -> None:
+        self.rows.extend(other.rows)
+        self.dropped.update(other.dropped)
+        self.files.extend(other.files)
+
+
+class _BadField(ValueError):
+    """A field holds a value we cannot use; the caller adds file and line."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"field '{field_name}': {message}")
+
+
+def parse_preference(value: Any, field_name: str = "preference") -> float:
+    """AlpacaEval preference -> float in [1, 2]; NaN (returned as ``math.nan``) means "drop".
+
+    Accepts numbers and numeric strings; legacy ``0`` is a tie (1.5); ``None``/NaN are NaN.
+    """
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _BadField(field_name, f"expected a number in [1, 2], got {value!r}")
+    try:
+        p = float(value.strip()) if isinstance(value, str) else float(value)
+    except ValueError:
+        raise _BadField(field_name, f"not a number: {value!r}") from None
+    if math.isnan(p):
+        return math.nan
+    if p == 0.0:
+        return 1.5
+    if not 1.0 <= p <= 2.0:
+        raise _BadField(field_name, f"{value!r} is outside [1, 2] (2 = model wins, 1.5 = tie)")
+    return p
+
+
+def _discrete_from_preference(p: float) -> float:
+    return 1.0 if p > 1.5 else 0.0 if p < 1.5 else 0.5
+
+
+def _text(record: dict, name: str, *, required: bool = True) -> str | None:
+    value = record.get(name)
+    if value is None:
+        if required:
+            raise _BadField(name, "missing")
+        return None
+    if not isinstance(value, str):
+        raise _BadField(name, f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _length(record: dict, name: str) -> int | None:
+    text = _text(record, name, required=False)
+    return None if text is None else len(text)
+
+
+def judgment_from_record(record: Any) -> Judgment | tuple[str, str, str, str]:
+    """Judgment JSONL record -> :class:`Judgment`, or a drop key ``(model, baseline, judge, reason)``."""
+    if not isinstance(record, dict):
+        raise _BadField("<line>", f"expected a JSON object, got {type(record).__name__}")
+    model = _text(record, "model")
+    baseline = _text(record, "baseline")
+    judge = _text(record, "judge", required=False) or "judge"
+    prompt = _text(record, "id", required=False) or _text(record, "instruction", required=False)
+    if prompt is None:
+        raise _BadField("id", "missing (and no 'instruction' to fall back on)")
+    if record.get("error") is not None:
+        return (model, baseline, judge, DROP_ERROR)
+    order = record.get("order")
+    if order is not None and order not in ORDERS:
+        raise _BadField("order", f"unknown value {order!r} (expected one of {', '.join(ORDERS)})")
+    winner = record.get("winner")
+    if winner is not None and winner not in WINNER_SCORES:
+        raise _BadField(
+            "winner", f"unknown label {winner!r} (expected one of {', '.join(WINNER_SCORES)})"
+        )
+    has_pref = record.get("preference") is not None
+    if winner is None and not has_pref:
+        raise _BadField("winner", "neither 'winner' nor 'preference' given (and no 'error')")
+    if has_pref:
+        p = parse_preference(record["preference"])
+        if math.isnan(p):
+            return (model, baseline, judge, DROP_NAN)
+        q = p - 1.0
+        d = WINNER_SCORES[winner] if winner is not None else _discrete_from_preference(p)
+    else:
+        d = WINNER_SCORES[winner]
+        q = d
+    return Judgment(
+        prompt=prompt,
+        model=model,
+        baseline=baseline,
+        judge=judge,
+        order=order,
+        q=q,
+        d=d,
+        len_model=_length(record, "output_model"),
+        len_baseline=_length(record, "output_baseline"),
+    )
+
+
+def judgment_from_annotation(record: Any) -> Judgment | tuple[str, str, str, str]:
+    """AlpacaEval annotation (``output_1``/``generator_1`` = baseline, ``_2`` = model) -> Judgment."""
+    if not isinstance(record, dict):
+        raise _BadField("<record>", f"expected a JSON object, got {type(record).__name__}")
+    baseline = _text(record, "generator_1")
+    model = _text(record, "generator_2")
+    judge = _text(record, "annotator", required=False) or "alpaca_eval"
+    prompt = _text(record, "instruction")
+    if "preference" not in record:
+        raise _BadField("preference", "missing")
+    p = parse_preference(record["preference"])
+    if math.isnan(p):
+        return (model, baseline, judge, DROP_NAN)
+    return Judgment(
+        prompt=prompt,
+        model=model,
+        baseline=baseline,
+        judge=judge,
+        order=None,
+        q=p - 1.0,
+        d=_discrete_from_preference(p),
+        len_model=_length(record, "output_2"),
+        len_baseline=_length(record, "output_1"),
+    )
+
+
+def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, element)`` for each element of a JSON array file."""
+    text = path.read_text(encoding="utf-8")
+    decoder = json.JSONDecoder()
+    pos, line, n = 0, 1, len(text)
+
+    def skip_ws(i: int) -> int:
+        while i < n and text[i] in " \t\r\n":
+            i += 1
+        return i
+
+    def fail(msg: str, at: int) -> InputError:
+        return InputError(f"{path}:{text.count(chr(10), 0, at) + 1}: {msg}")
+
+    pos = skip_ws(pos)
+    if pos >= n or text[pos] != "[":
+        raise fail("expected a JSON array of AlpacaEval annotations", pos)
+    pos = skip_ws(pos + 1)
+    if pos < n and text[pos] == "]":
+        return
+    last = 0
+    while True:
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise fail(f"malformed JSON: {exc.msg}", exc.pos) from None
+        line += text.count("\n", last, pos)
+        last = pos
+        yield line, value
+        pos = skip_ws(end)
+        if pos < n and text[pos] == ",":
+            pos = skip_ws(pos + 1)
+        elif pos < n and text[pos] == "]":
+            return
+        else:
+            raise fail("malformed JSON: expected ',' or ']'", pos)
+
+
+def _is_json_array(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip()
+    return head.startswith(b"[")
+
+
+def load_file(path: str | Path) -> Judgments:
+    """Read one file: a JSON array is taken as AlpacaEval annotations, anything else as JSONL."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    out = Judgments(files=[str(path)])
+    if _is_json_array(path):
+        items: Iterable[tuple[int, Any]] = _iter_json_array(path)
+        convert, where = judgment_from_annotation, "record"
+    else:
+        items = read_jsonl(path)
+        convert, where = judgment_from_record, "line"
+    for index, (line, record) in enumerate(items, start=1):
+        try:
+            result = convert(record)
+        except _BadField as exc:
+            label = f"line {line}" if where == "line" else f"line {line} (record {index})"
+            raise InputError(f"{path}: {label}: {exc}") from None
+        if isinstance(result, Judgment):
+            out.rows.append(result)
+        else:
+            out.dropped[result] += 1
+    return out
+
+
+def load_judgments(paths: Iterable[str | Path]) -> Judgments:
+    """Read and concatenate several files; raise :class:`InputError` if nothing usable remains."""
+    out = Judgments()
+    for path in paths:
+        out.extend(load_file(path))
+    if not out.rows:
+        dropped = sum(out.dropped.values())
+        detail = f" ({dropped} rows dropped: {dict(_reasons(out.dropped))})" if dropped else ""
+        raise InputError(f"no usable judgments in {', '.join(out.files) or 'the input'}{detail}")
+    return out
+
+
+def _reasons(dropped: Counter) -> Counter:
+    reasons: Counter = Counter()
+    for (_, _, _, reason), n in dropped.items():
+        reasons[reason] += n
+    return reasons

@@ -1,0 +1,416 @@
+"""Win rates with honest uncertainty: prompts are the unit of resampling.
+
+For each (model, baseline) comparison the judgments are first aggregated per prompt (sum of
+preferences, sum of discrete scores, number of judgments, per judge), so every judgment of a prompt
+(both orders, several judges) moves together in the bootstrap. Each rate is a ratio
+``sum over prompts / number of judgments``, which equals the per-judgment mean that AlpacaEval
+reports. One ``scipy.stats.bootstrap`` call resamples prompts for every judge and the pool at once:
+the statistic receives resampled prompt indices ``[..., n_prompts]``, counts them with ``bincount``
+(one row per resample) and multiplies the counts by the per-prompt table (vectorised; BCa's
+jackknife goes through the same path).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cme_rewards.winrate import lc
+from cme_rewards.winrate.load import Judgment, Judgments
+from cme_rewards.winrate.results import (
+    ComparisonResult,
+    ConfidenceInterval,
+    Estimate,
+    PositionResult,
+    SignTestResult,
+)
+
+POOLED = "pooled"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How intervals are computed. ``lc_resamples=0`` gives the analytic (sandwich) LC interval."""
+
+    confidence_level: float = 0.95
+    n_resamples: int = 10_000
+    lc_resamples: int = 0
+    seed: int = 0
+    bootstrap: bool = True
+
+
+@dataclass
+class _Group:
+    """Per-prompt aggregates of one judge (or the pool) over the comparison's prompts ``[n]``."""
+
+    judge: str
+    judges: list[str]
+    rows: list[Judgment]
+    sum_q: np.ndarray
+    sum_d: np.ndarray
+    count: np.ndarray
+
+
+def seeded_rng(settings: Settings, *names: str) -> np.random.Generator:
+    """A generator that depends only on the seed and the names, so adding a model or a judge does
+    not change anyone else's interval."""
+    return np.random.default_rng([settings.seed, *(zlib.crc32(n.encode()) for n in names)])
+
+
+def ratio_statistic(table: np.ndarray) -> Callable[..., np.ndarray]:
+    """Vectorised statistic over resampled prompt indices.
+
+    ``table``: ``[n_prompts, 3 * G]`` with columns (sum_q, sum_d, count) per group. The statistic
+    maps indices ``[..., m]`` to ``[2 * G, ...]``: mean-preference rates, then tie-adjusted rates.
+    """
+    n = table.shape[0]
+
+    def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        idx = np.asarray(idx)
+        lead, m = idx.shape[:-1], idx.shape[-1]
+        flat = idx.reshape(-1, m).astype(np.intp, copy=False)
+        counts = np.empty((flat.shape[0], n))  # how often each prompt is drawn, per resample
+        for row, draws in enumerate(flat):
+            counts[row] = np.bincount(draws, minlength=n)
+        sums = counts @ table
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rates = 100.0 * np.concatenate(
+                [sums[:, 0::3] / sums[:, 2::3], sums[:, 1::3] / sums[:, 2::3]], axis=1
+            )
+        return np.moveaxis(rates.reshape(*lead, rates.shape[-1]), -1, 0)
+
+    return statistic
+
+
+def bootstrap_intervals(
+    statistic: Callable[..., np.ndarray],
+    n: int,
+    settings: Settings,
+    n_resamples: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """BCa and percentile intervals of a vector statistic of resampled prompt indices.
+
+    Returns (bca_low, bca_high, pct_low, pct_high, standard_error, methods), each ``[k]``; where BCa
+    is undefined (a degenerate bootstrap distribution) the percentile interval stands in.
+    """
+    from scipy.stats import bootstrap
+
+    data = (np.arange(n),)
+    common = dict(vectorized=True, confidence_level=settings.confidence_level)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DegenerateDataWarning: handled below
+        bca = bootstrap(data, statistic, n_resamples=n_resamples, method="BCa", rng=rng, **common)
+        pct = bootstrap(
+            data, statistic, n_resamples=0, method="percentile", bootstrap_result=bca, **common
+        )
+    lo, hi = np.atleast_1d(bca.confidence_interval.low), np.atleast_1d(bca.confidence_interval.high)
+    plo, phi = (
+        np.atleast_1d(pct.confidence_interval.low),
+        np.atleast_1d(pct.confidence_interval.high),
+    )
+    bad = ~(np.isfinite(lo) & np.isfinite(hi))
+    methods = ["percentile (BCa undefined)" if b else "BCa" for b in bad]
+    lo, hi = np.where(bad, plo, lo), np.where(bad, phi, hi)
+    return lo, hi, plo, phi, np.atleast_1d(bca.standard_error), methods
+
+
+def _sign_test(group: _Group, confidence_level: float) -> SignTestResult | None:
+    from scipy.stats import binomtest
+
+    seen = group.count > 0
+    twice, count = 2.0 * group.sum_d[seen], group.count[seen]
+    k, losses = int(np.sum(twice > count)), int(np.sum(twice < count))
+    tied = int(seen.sum()) - k - losses
+    if k + losses == 0:
+        return None
+    res = binomtest(k, k + losses, 0.5, alternative="two-sided")
+    ci = res.proportion_ci(confidence_level=confidence_level, method="exact")
+    return SignTestResult(
+        statistic=100.0 * res.statistic,
+        pvalue=float(res.pvalue),
+        confidence_interval=ConfidenceInterval(100.0 * ci.low, 100.0 * ci.high),
+        n_model=k,
+        n_baseline=losses,
+        n_tied=tied,
+    )
+
+
+def _label(d: float) -> int:
+    return 1 if d > 0.5 else -1 if d < 0.5 else 0
+
+
+def position_bias(rows: Sequence[Judgment]) -> PositionResult | None:
+    by_pair: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.order is not None:
+            by_pair[(r.prompt, r.model, r.baseline, r.judge)][r.order].append(r.d)
+    n_pairs = consistent = 0
+    first_scores: list[float] = []
+    for orders in by_pair.values():
+        if len(orders) < 2:
+            continue
+        mf, bf = orders["model_first"], orders["baseline_first"]
+        n_pairs += 1
+        consistent += _label(float(np.mean(mf))) == _label(float(np.mean(bf)))
+        first_scores.extend(mf)
+        first_scores.extend(1.0 - d for d in bf)
+    if n_pairs == 0:
+        return None
+    return PositionResult(
+        n_pairs=n_pairs,
+        consistency=100.0 * consistent / n_pairs,
+        first_position_win_rate=100.0 * float(np.mean(first_scores)),
+    )
+
+
+def _lc_sandwich(
+    s: np.ndarray, c: np.ndarray, x: np.ndarray, theta: float, phi: float, level: float
+) -> tuple[ConfidenceInterval, float]:
+    """Cluster-robust (prompt) Wald interval of ``100 * sigmoid(theta)``, built on the logit scale."""
+    from scipy.special import expit, ndtri
+
+    p = expit(theta + phi * x)
+    r = s - c * p
+    w = c * p * (1.0 - p)
+    design = np.stack([np.ones_like(x), x], axis=1)  # [n, 2]
+    bread = design.T @ (w[:, None] * design) + lc.RIDGE * c.sum() * np.eye(2)
+    scores = r[:, None] * design
+    n = len(s)
+    meat = scores.T @ scores * (n / (n - 1))
+    inv = np.linalg.inv(bread)
+    se_theta = float(math.sqrt(max((inv @ meat @ inv)[0, 0], 0.0)))
+    z = float(ndtri(0.5 + level / 2))
+    ci = ConfidenceInterval(
+        100.0 * float(expit(theta - z * se_theta)), 100.0 * float(expit(theta + z * se_theta))
+    )
+    # delta method for the standard error on the percent scale
+    se_pct = 100.0 * float(expit(theta) * (1 - expit(theta))) * se_theta
+    return ci, se_pct
+
+
+def _length_controlled(
+    group: _Group, len_diff: np.ndarray | None, settings: Settings, rng_names: tuple[str, ...]
+) -> tuple[Estimate | None, float | None, str | None]:
+    if len_diff is None:
+        return (
+            None,
+            None,
+            "length-controlled rate needs output_model/output_baseline on every judgment",
+        )
+    seen = group.count > 0
+    s, c, delta = group.sum_q[seen], group.count[seen], len_diff[seen]
+    if len(s) < 3:
+        return None, None, "length-controlled rate needs at least 3 prompts"
+    x = lc.length_feature(delta)
+    theta, phi = (float(v) for v in lc.fit_logistic(s, c, x))
+    rate = 100.0 / (1.0 + math.exp(-theta))
+    if settings.lc_resamples > 0 and settings.bootstrap:
+        table = np.stack([s, c, x], axis=1)
+        n = len(s)
+
+        def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+            idx = np.asarray(idx).astype(np.intp)
+            return lc.lc_win_rate(table[idx, 0], table[idx, 1], table[idx, 2], (theta, phi))
+
+        lo, hi, plo, phi_, se, methods = bootstrap_intervals(
+            statistic, n, settings, settings.lc_resamples, seeded_rng(settings, *rng_names, "lc")
+        )
+        est = Estimate(
+            statistic=rate,
+            confidence_interval=ConfidenceInterval(float(lo[0]), float(hi[0])),
+            standard_error=float(se[0]),
+            method=f"{methods[0]} bootstrap of refits over prompts ({settings.lc_resamples} resamples)",
+            percentile_interval=ConfidenceInterval(float(plo[0]), float(phi_[0])),
+        )
+    else:
+        ci, se = _lc_sandwich(s, c, x, theta, phi, settings.confidence_level)
+        est = Estimate(
+            statistic=rate,
+            confidence_interval=ci,
+            standard_error=se,
+            method="cluster-robust Wald on the logit scale (prompts as clusters)",
+        )
+    return est, phi, None
+
+
+def _groups(rows: list[Judgment], prompts: dict[str, int]) -> list[_Group]:
+    n = len(prompts)
+    by_judge: dict[str, list[Judgment]] = defaultdict(list)
+    for r in rows:
+        by_judge[r.judge].append(r)
+
+    def aggregate(judge: str, judges: list[str], sub: list[Judgment]) -> _Group:
+        idx = np.fromiter((prompts[r.prompt] for r in sub), dtype=np.intp, count=len(sub))
+        q = np.fromiter((r.q for r in sub), dtype=float, count=len(sub))
+        d = np.fromiter((r.d for r in sub), dtype=float, count=len(sub))
+        return _Group(
+            judge=judge,
+            judges=judges,
+            rows=sub,
+            sum_q=np.bincount(idx, weights=q, minlength=n),
+            sum_d=np.bincount(idx, weights=d, minlength=n),
+            count=np.bincount(idx, minlength=n).astype(float),
+        )
+
+    judges = sorted(by_judge)
+    groups = [aggregate(j, [j], by_judge[j]) for j in judges]
+    if len(judges) > 1:
+        groups.append(aggregate(POOLED, judges, rows))
+    return groups
+
+
+def _length_diff(rows: list[Judgment], prompts: dict[str, int]) -> np.ndarray | None:
+    """Mean of ``len_model - len_baseline`` per prompt (characters), or None if any is unknown."""
+    if any(r.len_model is None or r.len_baseline is None for r in rows):
+        return None
+    n = len(prompts)
+    idx = np.fromiter((prompts[r.prompt] for r in rows), dtype=np.intp, count=len(rows))
+    diff = np.fromiter((r.len_model - r.len_baseline for r in rows), dtype=float, count=len(rows))
+    counts = np.bincount(idx, minlength=n)
+    return np.bincount(idx, weights=diff, minlength=n) / np.maximum(counts, 1)
+
+
+def _alpaca_fields(rows: list[Judgment]) -> dict[str, float | int]:
+    q = np.fromiter((r.q for r in rows), dtype=float, count=len(rows))
+    d = np.fromiter((r.d for r in rows), dtype=float, count=len(rows))
+    n = len(q)
+    wins, losses = int(np.sum(d == 1.0)), int(np.sum(d == 0.0))
+    se = float(np.std(q, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return dict(
+        n_total=n,
+        n_wins=wins,
+        n_wins_base=losses,
+        n_draws=n - wins - losses,
+        win_rate=100.0 * float(q.mean()),
+        standard_error=100.0 * se,
+        discrete_win_rate=100.0 * (wins + 0.5 * (n - wins - losses)) / n,
+    )
+
+
+def compare(judgments: Judgments, settings: Settings | None = None) -> list[ComparisonResult]:
+    """All figures for every (model, baseline) pair, per judge and pooled over judges.
+
+    Results are ordered by baseline, then model, then judge (the pool last).
+    """
+    settings = settings or Settings()
+    by_pair: dict[tuple[str, str], list[Judgment]] = defaultdict(list)
+    for r in judgments.rows:
+        by_pair[(r.model, r.baseline)].append(r)
+    out: list[ComparisonResult] = []
+    for baseline, model in sorted((b, m) for m, b in by_pair):
+        out.extend(_compare_pair(model, baseline, by_pair[(model, baseline)], judgments, settings))
+    return out
+
+
+def _estimate(
+    boot: tuple | None,
+    which: int,
+    stat: float,
+    normal: ConfidenceInterval | None,
+    settings: Settings,
+) -> Estimate:
+    """Wrap the bootstrap output ``boot[which]`` (or its absence) as an :class:`Estimate`."""
+    if boot is None:
+        return Estimate(stat, None, None, "none", normal_interval=normal)
+    lo, hi, plo, phi, se, method = boot[which]
+    return Estimate(
+        statistic=stat,
+        confidence_interval=ConfidenceInterval(float(lo), float(hi)),
+        standard_error=float(se),
+        method=f"{method} bootstrap over prompts ({settings.n_resamples} resamples)",
+        percentile_interval=ConfidenceInterval(float(plo), float(phi)),
+        normal_interval=normal,
+    )
+
+
+def _compare_pair(
+    model: str, baseline: str, rows: list[Judgment], judgments: Judgments, settings: Settings
+) -> list[ComparisonResult]:
+    prompts: dict[str, int] = {}
+    for r in rows:
+        prompts.setdefault(r.prompt, len(prompts))
+    n = len(prompts)
+    groups = _groups(rows, prompts)
+    len_diff = _length_diff(rows, prompts)
+    intervals: dict[str, tuple] = {}
+    notes_all: list[str] = []
+    if settings.bootstrap and n >= 2:
+        # One bootstrap per set of groups that share the same prompts (usually all of them).
+        by_cover: dict[bytes, list[int]] = defaultdict(list)
+        for gi, g in enumerate(groups):
+            by_cover[(g.count > 0).tobytes()].append(gi)
+        for members in by_cover.values():
+            seen = groups[members[0]].count > 0
+            table = np.stack(
+                [
+                    col[seen]
+                    for gi in members
+                    for col in (groups[gi].sum_q, groups[gi].sum_d, groups[gi].count)
+                ],
+                axis=1,
+            )
+            names = (model, baseline, *(groups[gi].judge for gi in members))
+            lo, hi, plo, phi, se, methods = bootstrap_intervals(
+                ratio_statistic(table),
+                int(seen.sum()),
+                settings,
+                settings.n_resamples,
+                seeded_rng(settings, *names),
+            )
+            k = len(members)
+            for j, gi in enumerate(members):
+                intervals[groups[gi].judge] = tuple(
+                    (lo[i], hi[i], plo[i], phi[i], se[i], methods[i]) for i in (j, k + j)
+                )
+    elif settings.bootstrap:
+        notes_all.append("bootstrap needs at least 2 prompts")
+    from scipy.special import ndtri
+
+    z = float(ndtri(0.5 + settings.confidence_level / 2))
+    results = []
+    for g in groups:
+        fields = _alpaca_fields(g.rows)
+        notes = list(notes_all)
+        boot = intervals.get(g.judge)
+        se = fields["standard_error"]
+        normal = (
+            ConfidenceInterval(fields["win_rate"] - z * se, fields["win_rate"] + z * se)
+            if math.isfinite(se)
+            else None
+        )
+        lc_est, lc_phi, lc_note = _length_controlled(
+            g, len_diff, settings, (model, baseline, g.judge)
+        )
+        if lc_note:
+            notes.append(lc_note)
+        merged: dict[str, int] = defaultdict(int)
+        for (m, b, j, reason), cnt in judgments.dropped.items():
+            if m == model and b == baseline and j in g.judges:
+                merged[reason] += cnt
+        dropped = dict(merged)
+        results.append(
+            ComparisonResult(
+                model=model,
+                baseline=baseline,
+                judge=g.judge,
+                judges=g.judges,
+                n_prompts=int((g.count > 0).sum()),
+                mean_preference=_estimate(boot, 0, fields["win_rate"], normal, settings),
+                tie_adjusted=_estimate(boot, 1, fields["discrete_win_rate"], None, settings),
+                length_controlled=lc_est,
+                length_coefficient=lc_phi,
+                sign_test=_sign_test(g, settings.confidence_level),
+                position=position_bias(g.rows),
+                dropped=dropped,
+                notes=notes,
+                **fields,
+            )
+        )
+    return results
