@@ -4,9 +4,11 @@ Baseline (as the seed code and most users write it): the samples right-padded in
 forward (logits at every position), ``log_softmax(logits.float())``, gather, masked mean. Ours:
 ``CMEScorer`` (output head only at scored positions, chunked float32 log-softmax). Each method runs
 in its own subprocess so its peak memory (ru_maxrss above the RSS after loading the model) is its
-own. Writes ``benchmarks/results/scoring_cpu.json``.
+own. Samples: the shipped AlpacaEval pairs, answers cut to ``--response-chars`` characters (600, as in
+the shared CME test vectors), so prompts and responses both fit. Writes
+``benchmarks/results/scoring_cpu.json``.
 
-    python benchmarks/bench_scoring.py [--verifier gemma3-270m] [--samples 12] [--max-length 256]
+    python benchmarks/bench_scoring.py [--verifier gemma3-270m] [--samples 16] [--response-chars 600]
 """
 
 from __future__ import annotations
@@ -54,14 +56,14 @@ def naive_cme(model, batch: list) -> list[float]:
         return ((token_lp * mask).sum(-1) / mask.sum(-1)).tolist()
 
 
-def run_one(method: str, verifier: str, samples: int, max_length: int, repeats: int) -> dict:
+def run_one(method: str, verifier: str, samples: int, response_chars: int, repeats: int) -> dict:
     """Child process: load, time ``repeats`` runs of one method, report values and memory."""
     from cme_rewards import CMEScorer
 
     rows = list(jsonlines.open(REPO / "examples" / "alpaca_pairs.jsonl"))[:samples]
-    scorer = CMEScorer(verifier, device="cpu", dtype="float32", max_length=max_length)
-    inputs = [scorer.encode(r["prompt"], r["response"]) for r in rows]
-    prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+    scorer = CMEScorer(verifier, device="cpu", dtype="float32")
+    prompts, responses = [r["prompt"] for r in rows], [r["response"][:response_chars] for r in rows]
+    inputs = [scorer.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
     base_rss = rss_mib()
     call = (
         (lambda: naive_cme(scorer.model, inputs))
@@ -87,8 +89,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--verifier", default="gemma3-270m")
-    parser.add_argument("--samples", type=int, default=12)
-    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--response-chars", type=int, default=600)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", choices=("naive", "cme"), help=argparse.SUPPRESS)
     parser.add_argument(
@@ -98,7 +100,7 @@ def main() -> None:
     if args.child:
         print(
             json.dumps(
-                run_one(args.child, args.verifier, args.samples, args.max_length, args.repeats)
+                run_one(args.child, args.verifier, args.samples, args.response_chars, args.repeats)
             )
         )
         return
@@ -118,8 +120,8 @@ def main() -> None:
             args.verifier,
             "--samples",
             str(args.samples),
-            "--max-length",
-            str(args.max_length),
+            "--response-chars",
+            str(args.response_chars),
             "--repeats",
             str(args.repeats),
         ]
@@ -134,7 +136,7 @@ def main() -> None:
         "machine": describe_machine(),
         "verifier": args.verifier,
         "samples": args.samples,
-        "max_length": args.max_length,
+        "response_chars": args.response_chars,
         "tokens": ours["tokens"],
         "scored_tokens": ours["scored_tokens"],
         "naive": {

@@ -18,7 +18,7 @@ from cme_rewards.ops.reference import reference_token_logprobs
 
 # Verifier token budgets that keep the float64 reference forward quick on 2 CPU cores (Gemma's
 # 262,144-word output head costs 100 GFLOP per 300 tokens in float64).
-MAX_LENGTH = {"smollm2-135m-instruct": 256, "gemma3-270m": 128}
+MAX_LENGTH = {"smollm2-135m-instruct": 128, "gemma3-270m": 128}
 
 
 def alpaca_pairs(shared: Path | None) -> list[dict]:

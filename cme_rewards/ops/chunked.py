@@ -1,7 +1,7 @@
 """Chunked PyTorch log-prob ops: the CPU path, never holding a float32 ``[N, V]`` tensor whole.
 
-Rows are taken ``row_chunk`` at a time and the vocabulary ``vocab_chunk`` at a time, with an online
-(running max, rescaled sum-of-exp) logsumexp in float32 across vocabulary chunks, so the largest
+Rows are taken ``row_chunk`` at a time and the vocabulary ``vocab_chunk`` at a time; each block's
+logsumexp (one fused pass per row) is merged into a running float32 logsumexp, so the largest
 temporary is ``row_chunk x vocab_chunk`` floats (``CHUNK_ELEMENTS`` by default, 16 MiB).
 """
 
@@ -37,26 +37,19 @@ def _online_logprobs(
         rs = slice(r0, min(r0 + rows, n_rows))
         tgt = targets[rs].long()
         n = tgt.numel()
-        run_max = torch.full((n,), float("-inf"), dtype=torch.float32, device=device)
-        run_sum = torch.zeros(n, dtype=torch.float32, device=device)
+        run_lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=device)
         tgt_logit = torch.zeros(n, dtype=torch.float32, device=device)
         for v0 in range(0, vocab, cols):
             v1 = min(v0 + cols, vocab)
             block = block_logits(rs, v0, v1)
-            new_max = torch.maximum(run_max, block.amax(dim=-1))
-            # exp(-inf - -inf) would be NaN; rows still all -inf keep a zero sum.
-            safe_max = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
-            run_sum = run_sum * torch.exp(run_max - safe_max) + torch.exp(
-                block - safe_max[:, None]
-            ).sum(-1)
-            run_max = new_max
+            # logsumexp is one fused pass per row; logaddexp merges the blocks (and keeps -inf).
+            run_lse = torch.logaddexp(run_lse, torch.logsumexp(block, dim=-1))
             inside = (tgt >= v0) & (tgt < v1)
             if bool(inside.any()):
                 local = (tgt - v0).clamp(0, v1 - v0 - 1)
                 picked = block.gather(-1, local[:, None]).squeeze(-1)
                 tgt_logit = torch.where(inside, picked, tgt_logit)
-        safe_max = torch.where(torch.isfinite(run_max), run_max, torch.zeros_like(run_max))
-        out[rs] = tgt_logit - (safe_max + torch.log(run_sum))
+        out[rs] = tgt_logit - run_lse
     return out
 
 

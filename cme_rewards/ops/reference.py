@@ -17,7 +17,8 @@ def apply_head_transform(
     logits: torch.Tensor, *, logit_scale: float = 1.0, softcap: float | None = None
 ) -> torch.Tensor:
     """The output head's logit transform: multiply by ``logit_scale``, then ``softcap * tanh(x / softcap)``."""
-    logits = logits * logit_scale
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     return logits

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from cme_rewards.ops.reference import apply_head_transform
+
 
 def torch_linear_token_logprobs(
     hidden: torch.Tensor,
@@ -26,9 +28,7 @@ def torch_linear_token_logprobs(
     logits = hidden.float() @ weight.float().T
     if bias is not None:
         logits = logits + bias.float()
-    logits = logits * logit_scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
+    logits = apply_head_transform(logits, logit_scale=logit_scale, softcap=softcap)
     tgt = targets.long()
     picked = logits.gather(1, tgt.clamp(0, vocab - 1).unsqueeze(1)).squeeze(1)
     values = picked - torch.logsumexp(logits, dim=1)
