@@ -98,7 +98,11 @@ def _load_gguf_tokenizer(path: Path) -> Tokenizer:
     """The GGUF's tokenizer; SentencePiece-BPE ones (Gemma) are rebuilt by ``gguf_tokenizer``, since
     transformers < 5.24 builds a wrong Unigram model from them, which silently changes every
     log-prob (ENVIRONMENT.md)."""
-    from cme_rewards.gguf_tokenizer import is_sentencepiece_bpe, read_gguf_vocab, tokenizer_from_gguf
+    from cme_rewards.gguf_tokenizer import (
+        is_sentencepiece_bpe,
+        read_gguf_vocab,
+        tokenizer_from_gguf,
+    )
 
     if is_sentencepiece_bpe(read_gguf_vocab(path)):
         return tokenizer_from_gguf(path)

@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-length", type=int, default=2048, help="most verifier tokens per sample"
     )
     parser.add_argument(
-        "--token-budget", type=int, default=16384, help="most padded tokens per micro-batch"
+        "--token-budget",
+        type=int,
+        help="most padded tokens per micro-batch (default: 2048 on CPU, 16384 on GPU)",
     )
     parser.add_argument("--reduction", choices=("mean", "sum"), default="mean")
     parser.add_argument(

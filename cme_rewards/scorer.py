@@ -22,6 +22,16 @@ from cme_rewards.results import FLOOR_REWARD, CMEResult
 logger = logging.getLogger(__name__)
 
 
+CPU_TOKEN_BUDGET = 2048
+"""Default padded tokens per CPU forward: larger batches only add padding and cache misses there."""
+GPU_TOKEN_BUDGET = 16384
+
+
+def default_token_budget(device: torch.device | str) -> int:
+    """Default ``token_budget`` (padded tokens per forward micro-batch) for ``device``."""
+    return CPU_TOKEN_BUDGET if torch.device(device).type == "cpu" else GPU_TOKEN_BUDGET
+
+
 def head_transform_from_config(config: Any) -> tuple[float, float | None]:
     """``(logit_scale, softcap)`` the model applies after its output head.
 
@@ -46,7 +56,8 @@ class CMEScorer:
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``, ...
         dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"float32"``, ``"bfloat16"``, ...
         max_length: most verifier tokens per sample (prompt cut from the left first).
-        token_budget: most padded tokens per forward micro-batch.
+        token_budget: most padded tokens per forward micro-batch (default: 2048 on CPU, 16384 on
+            GPU; a longer sample gets a batch of its own).
         reduction: ``"mean"`` (CME) or ``"sum"`` over scored tokens.
         min_tokens: responses with fewer scored tokens get ``floor`` (a length guard).
         floor: reward (nats) of a sample that cannot be scored (its ``error`` says why).
@@ -69,7 +80,7 @@ class CMEScorer:
         device: str = "auto",
         dtype: str = "float32",
         max_length: int = 2048,
-        token_budget: int = 16384,
+        token_budget: int | None = None,
         reduction: str = "mean",
         min_tokens: int = 1,
         floor: float = FLOOR_REWARD,
@@ -87,7 +98,7 @@ class CMEScorer:
             raise ValueError(f"impl: must be one of {IMPLS}, got {impl!r}")
         if max_length < 2:
             raise ValueError(f"max_length: must be at least 2, got {max_length}")
-        if token_budget < 1 or min_tokens < 1:
+        if (token_budget is not None and token_budget < 1) or min_tokens < 1:
             raise ValueError("token_budget and min_tokens: must be at least 1")
         if not math.isfinite(floor):
             raise ValueError(f"floor: must be a finite number, got {floor}")
@@ -106,8 +117,8 @@ class CMEScorer:
         self.model: PreTrainedModel = model
         self.tokenizer: Tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        self.token_budget = token_budget or default_token_budget(self.device)
         self.max_length = max_length
-        self.token_budget = token_budget
         self.reduction = reduction
         self.min_tokens = min_tokens
         self.floor = float(floor)

@@ -53,7 +53,9 @@ def test_plain_template_when_forced_or_missing(tok):
 
 
 def test_chat_template_override(tok):
-    ids = render_prompt(tok, "Hi", chat_template="{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}")
+    ids = render_prompt(
+        tok, "Hi", chat_template="{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    )
     assert tok.decode(ids) == "<<Hi>>"
 
 
@@ -80,7 +82,9 @@ def test_generator_special_tokens_removed_before_tokenizing(tok):
 def test_empty_and_undecodable_responses_are_flagged(tok):
     assert build_verifier_input(tok, "Hi", "").error == "empty response"
     assert build_verifier_input(tok, "Hi", "<|im_end|>").error == "empty response"
-    assert build_verifier_input(tok, "Hi", "bad \udc80 text").error == "undecodable text in response"
+    assert (
+        build_verifier_input(tok, "Hi", "bad \udc80 text").error == "undecodable text in response"
+    )
 
 
 def test_over_long_prompt_is_cut_from_the_left(tok):
@@ -89,7 +93,10 @@ def test_over_long_prompt_is_cut_from_the_left(tok):
     assert not full.truncated and cut.truncated
     assert len(cut.input_ids) == 64
     assert cut.input_ids[cut.n_prompt :] == full.input_ids[full.n_prompt :]
-    assert cut.input_ids[: cut.n_prompt] == full.input_ids[full.n_prompt - cut.n_prompt : full.n_prompt]
+    assert (
+        cut.input_ids[: cut.n_prompt]
+        == full.input_ids[full.n_prompt - cut.n_prompt : full.n_prompt]
+    )
 
 
 def test_over_long_response_keeps_its_first_tokens(tok):

@@ -39,7 +39,9 @@ def test_temperature():
     torch.manual_seed(1)
     logits, targets = torch.randn(4, 50), torch.randint(0, 50, (4,))
     got = chunked_token_logprobs(logits, targets, temperature=0.7, chunk_elements=16)
-    torch.testing.assert_close(got.double(), reference_token_logprobs(logits, targets, temperature=0.7))
+    torch.testing.assert_close(
+        got.double(), reference_token_logprobs(logits, targets, temperature=0.7)
+    )
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])
@@ -67,7 +69,9 @@ def test_chunked_linear_never_holds_full_logits(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
     hidden, weight = torch.randn(64, 16), torch.randn(1000, 16)
-    chunked_linear_token_logprobs(hidden, weight, torch.zeros(64, dtype=torch.long), chunk_elements=4096)
+    chunked_linear_token_logprobs(
+        hidden, weight, torch.zeros(64, dtype=torch.long), chunk_elements=4096
+    )
     assert sizes and max(sizes) <= 4096 < 64 * 1000
 
 
@@ -78,7 +82,8 @@ def test_dispatch():
         select_impl("cuda", torch.device("cpu"))
     logits, targets = torch.randn(3, 20), torch.tensor([1, 2, 3])
     torch.testing.assert_close(
-        token_logprobs(logits, targets, impl="torch").double(), reference_token_logprobs(logits, targets)
+        token_logprobs(logits, targets, impl="torch").double(),
+        reference_token_logprobs(logits, targets),
     )
     hidden, weight = torch.randn(3, 8), torch.randn(20, 8)
     torch.testing.assert_close(

@@ -28,7 +28,8 @@ def alpaca_pairs(shared: Path | None) -> list[dict]:
     records = json.loads((shared / "alpaca_eval" / "claude-2.1.annotations.json").read_text())[:20]
     return [
         {"id": f"{i}-{key}", "group": i, "prompt": r["instruction"], "response": r[key]}
-        for i, r in enumerate(records) for key in ("output_1", "output_2")
+        for i, r in enumerate(records)
+        for key in ("output_1", "output_2")
     ]
 
 
@@ -40,7 +41,9 @@ def float64_reference(
     out = []
     with torch.inference_mode():
         for row in rows:
-            x = build_verifier_input(tokenizer, row["prompt"], row["response"], max_length=max_length)
+            x = build_verifier_input(
+                tokenizer, row["prompt"], row["response"], max_length=max_length
+            )
             n = x.n_scored
             logits = model(torch.tensor([x.input_ids]), logits_to_keep=n + 1).logits[0, :-1]
             lp = reference_token_logprobs(logits, torch.tensor(x.input_ids[-n:]))
@@ -58,8 +61,24 @@ def test_score_cli_matches_float64_forward(tmp_path, verifier):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     with jsonlines.open(src, "w") as w:
         w.write_all(rows)
-    assert cli_main(["score", str(src), "-o", str(dst), "--verifier", verifier,
-                     "--max-length", str(MAX_LENGTH[verifier]), "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        cli_main(
+            [
+                "score",
+                str(src),
+                "-o",
+                str(dst),
+                "--verifier",
+                verifier,
+                "--max-length",
+                str(MAX_LENGTH[verifier]),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     scored = list(jsonlines.open(dst))
     folder = cached_model_dir(verifier)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -122,15 +141,23 @@ def test_unknown_verifier_is_named(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_unscorable_lines_get_the_floor_and_same_keys(tmp_path):
-    code, dst = _run(tmp_path, [
-        b'{"id": "ok", "prompt": "Hi", "response": "Hello", "group": "g"}',
-        b'{"id": "empty", "prompt": "Hi", "response": "", "group": "g"}',
-        b'{"id": "surrogate", "prompt": "Hi", "response": "bad \\udc80", "group": "g"}',
-        b'{"id": "nogroup", "messages": [{"role": "user", "content": "Hi"}], "response": "Hey"}',
-    ])
+    code, dst = _run(
+        tmp_path,
+        [
+            b'{"id": "ok", "prompt": "Hi", "response": "Hello", "group": "g"}',
+            b'{"id": "empty", "prompt": "Hi", "response": "", "group": "g"}',
+            b'{"id": "surrogate", "prompt": "Hi", "response": "bad \\udc80", "group": "g"}',
+            b'{"id": "nogroup", "messages": [{"role": "user", "content": "Hi"}], "response": "Hey"}',
+        ],
+    )
     assert code == 0
     out = [json.loads(line) for line in dst.open()]  # stdlib json: it reads lone-surrogate escapes
-    assert [o["error"] for o in out] == [None, "empty response", "undecodable text in response", None]
+    assert [o["error"] for o in out] == [
+        None,
+        "empty response",
+        "undecodable text in response",
+        None,
+    ]
     assert out[1]["cme"] == out[2]["cme"] == -50.0
     assert out[2]["response"] == "bad \udc80"  # written back as the same JSON escape
     assert all("advantage" in o for o in out[:3]) and "advantage" not in out[3]

@@ -29,8 +29,12 @@ def test_matches_float64_vectors(smollm_scorer, cme_vectors):
 
 def test_batch_invariance(smollm_scorer):
     prompts = ["What is 2+2?", "Write a haiku about rain." * 5, "Hi", "Explain GRPO briefly."]
-    responses = ["4", "Rain taps the window,\nsoft drums on a tin roof sing,\nthe street drinks the sky.",
-                 "Hello! How can I help?", "GRPO normalises rewards within a group of samples."]
+    responses = [
+        "4",
+        "Rain taps the window,\nsoft drums on a tin roof sing,\nthe street drinks the sky.",
+        "Hello! How can I help?",
+        "GRPO normalises rewards within a group of samples.",
+    ]
     batch = smollm_scorer.score(prompts, responses)
     for i in range(len(prompts)):
         alone = smollm_scorer.score([prompts[i]], [responses[i]])[0]
@@ -67,13 +71,18 @@ def test_unscorable_samples_get_the_floor_and_same_keys(smollm_scorer, caplog):
     assert [r.error for r in results[:2]] == ["empty response", "undecodable text in response"]
     assert all(r.cme == -50.0 and r.n_tokens == 0 for r in results[:2])
     assert results[2].error is None and math.isfinite(results[2].cme)
-    assert all(set(r.to_dict()) == {"cme", "n_tokens", "truncated", "error", "advantage"} for r in results)
+    assert all(
+        set(r.to_dict()) == {"cme", "n_tokens", "truncated", "error", "advantage"} for r in results
+    )
     assert "sample a: empty response" in caplog.text
 
 
 def test_grouped_advantages_follow_verl(smollm_scorer):
-    results = smollm_scorer.score(["Hi"] * 3 + ["Bye"], ["Hello!", "Hey.", "Greetings, friend.", "Bye!"],
-                                  groups=["g", "g", "g", "h"])
+    results = smollm_scorer.score(
+        ["Hi"] * 3 + ["Bye"],
+        ["Hello!", "Hey.", "Greetings, friend.", "Bye!"],
+        groups=["g", "g", "g", "h"],
+    )
     values = torch.tensor([r.cme for r in results[:3]], dtype=torch.float64)
     expected = (values - values.mean()) / (values.std() + 1e-6)
     assert [r.advantage for r in results[:3]] == pytest.approx(expected.tolist(), abs=1e-9)
@@ -89,7 +98,9 @@ def test_grpo_advantages_edge_cases():
 
 def test_over_long_inputs_are_flagged(smollm_scorer):
     scorer = CMEScorer(model=smollm_scorer.model, tokenizer=smollm_scorer.tokenizer, max_length=32)
-    long_prompt, long_response = scorer.score(["x " * 200, "Count."], ["Fine.", " ".join(["one"] * 100)])
+    long_prompt, long_response = scorer.score(
+        ["x " * 200, "Count."], ["Fine.", " ".join(["one"] * 100)]
+    )
     assert long_prompt.truncated and long_prompt.error is None and long_prompt.n_tokens == 2
     assert long_response.truncated and long_response.n_tokens == 31
 
@@ -125,16 +136,30 @@ def test_output_head_transform_matches_full_forward(smollm_tokenizer, overrides)
     if "final_logit_softcapping" in overrides:
         from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-        config = Gemma3TextConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  head_dim=16, **overrides)
+        config = Gemma3TextConfig(
+            vocab_size=49152,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            **overrides,
+        )
         torch.manual_seed(0)
         model = Gemma3ForCausalLM(config).eval()
     elif "logit_scale" in overrides:
         from transformers import CohereConfig, CohereForCausalLM
 
-        config = CohereConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, **overrides)
+        config = CohereConfig(
+            vocab_size=49152,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **overrides,
+        )
         torch.manual_seed(0)
         model = CohereForCausalLM(config).eval()
     else:
@@ -147,4 +172,6 @@ def test_output_head_transform_matches_full_forward(smollm_tokenizer, overrides)
         logits = model.double()(torch.tensor([x.input_ids])).logits[0]
     targets = torch.tensor(x.input_ids[x.n_prompt :])
     want = reference_token_logprobs(logits[x.n_prompt - 1 : -1], targets)
-    torch.testing.assert_close(torch.tensor(res.token_logprobs, dtype=torch.float64), want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(res.token_logprobs, dtype=torch.float64), want, atol=1e-4, rtol=0
+    )

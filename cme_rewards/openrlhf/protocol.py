@@ -1,0 +1,254 @@
+"""OpenRLHF's reward protocol: recover what the verifier must see, and build the reply.
+
+OpenRLHF (0.11.2, ``openrlhf/utils/agent.py``) sends, for each sample,
+``query = decode(prompt_ids + response_ids, skip_special_tokens=False)`` (the policy's templated
+prompt followed by the response, special tokens included), ``prompt`` (the templated prompt string)
+and ``label`` (the dataset's ``--data.label_key`` column, ``""`` without one).
+
+The response is ``query`` minus the ``prompt`` prefix, with the policy's special tokens removed.
+The verifier's prompt is, in order of preference:
+
+1. ``label``, when it holds the raw instruction (the recipe: ``--data.label_key`` names the raw
+   prompt column); a string or a list of chat messages;
+2. ``prompt`` stripped of the policy's chat template (needs the policy tokenizer);
+3. ``prompt`` as it is (the verifier then sees the policy's template inside its own).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cme_rewards.formatting import GENERATOR_END_MARKERS, clean_response
+from cme_rewards.results import CMEResult
+
+logger = logging.getLogger(__name__)
+
+PROMPT_SOURCES = ("auto", "label", "template", "templated")
+"""``auto``: label, else template stripping, else as is; or force one of the three."""
+
+MIN_PROMPT_OVERLAP = 16
+"""Characters of the prompt's end that must start ``query`` when OpenRLHF cut the prompt's left."""
+
+COMMON_SPECIAL_TOKENS = (
+    *GENERATOR_END_MARKERS,
+    "<|im_start|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<start_of_turn>",
+    "<bos>",
+    "<s>",
+)
+"""Special tokens removed from responses when no policy tokenizer is given."""
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """One OpenRLHF sample as the verifier sees it.
+
+    Attributes:
+        prompt: the raw instruction (text) or chat messages, or the templated prompt as it is.
+        response: the policy's response, special tokens removed.
+        source: where ``prompt`` came from: ``label``, ``template`` or ``templated``.
+        error: why the sample cannot be scored (it then gets the floor reward), else ``None``.
+    """
+
+    prompt: str | list[dict[str, Any]]
+    response: str
+    source: str
+    error: str | None = None
+
+
+def load_policy_tokenizer(name: str) -> Any:
+    """The policy's tokenizer, named the way a verifier is (built-in, ``.gguf``, folder, hub id)."""
+    from transformers import AutoTokenizer
+
+    from cme_rewards.models import resolve_verifier
+
+    return AutoTokenizer.from_pretrained(resolve_verifier(name))
+
+
+def policy_special_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """Every special token string of a (policy) tokenizer, longest first."""
+    tokens = set(getattr(tokenizer, "all_special_tokens", ()))
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    tokens.update(t.content for t in decoder.values() if getattr(t, "special", False))
+    return tuple(sorted((t for t in tokens if t), key=len, reverse=True))
+
+
+class ChatTemplateStripper:
+    """Recovers the messages a policy's chat template rendered into a prompt string.
+
+    The template is rendered with placeholder contents for a user turn, and for a system + user
+    conversation; a prompt matching the rendering with the placeholders as wildcards gives back
+    the contents. A lone user turn comes back as its text, otherwise as chat messages.
+    """
+
+    _HOLE = "\x00CME{}\x00"
+    _SHAPES = (("user",), ("system", "user"))
+
+    def __init__(self, tokenizer: Any) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("policy tokenizer: it has no chat template to strip")
+        self.patterns: list[tuple[tuple[str, ...], re.Pattern[str]]] = []
+        for roles in self._SHAPES:
+            messages = [{"role": r, "content": self._HOLE.format(i)} for i, r in enumerate(roles)]
+            try:
+                text = tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+            except Exception:  # e.g. a template that rejects the system role
+                continue
+            pieces = re.split(r"\x00CME\d+\x00", text)
+            if len(pieces) != len(roles) + 1:
+                continue  # the template repeats or drops a content: no usable pattern
+            regex = "(.*?)".join(re.escape(p) for p in pieces)
+            self.patterns.append((roles, re.compile(regex, re.DOTALL)))
+        if not self.patterns:
+            raise ValueError("policy tokenizer: its chat template does not render a user turn")
+
+    def unwrap(self, templated: str) -> str | list[dict[str, Any]] | None:
+        """The instruction (or messages) rendered into ``templated``, or ``None`` if none match."""
+        for roles, pattern in self.patterns:
+            m = pattern.fullmatch(templated)
+            if m is None:
+                continue
+            if roles == ("user",):
+                return m.group(1)
+            return [{"role": r, "content": c} for r, c in zip(roles, m.groups(), strict=True)]
+        return None
+
+
+def split_query(query: str, prompt: str, policy_tokenizer: Any = None) -> str | None:
+    """The response part of ``query``: what follows ``prompt`` in it, or ``None`` if not found.
+
+    Also accepts ``prompt`` after a decode round trip through the policy tokenizer, and a prompt
+    whose left part OpenRLHF cut off (a suffix of at least ``MIN_PROMPT_OVERLAP`` characters).
+    """
+    if query.startswith(prompt):
+        return query[len(prompt) :]
+    if policy_tokenizer is not None:
+        ids = policy_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        decoded = policy_tokenizer.decode(ids, skip_special_tokens=False)
+        if query.startswith(decoded):
+            return query[len(decoded) :]
+    for start in range(1, len(prompt) - MIN_PROMPT_OVERLAP + 1):
+        if query.startswith(prompt[start:]):
+            return query[len(prompt) - start :]
+    return None
+
+
+def _label_prompt(label: Any) -> str | list[dict[str, Any]] | None:
+    """``label`` as a verifier prompt, if it is a non-empty string or a list of chat messages."""
+    if isinstance(label, str):
+        return label if label.strip() else None
+    if (
+        isinstance(label, list)
+        and label
+        and all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in label
+        )
+    ):
+        return label
+    return None
+
+
+class PromptRecovery:
+    """Turns OpenRLHF's ``(query, prompt, label)`` into the verifier's ``(prompt, response)``.
+
+    Args:
+        policy_tokenizer: the policy's tokenizer (its special tokens and chat template), or None.
+        prompt_source: one of ``PROMPT_SOURCES``.
+    """
+
+    def __init__(self, policy_tokenizer: Any = None, prompt_source: str = "auto") -> None:
+        if prompt_source not in PROMPT_SOURCES:
+            raise ValueError(
+                f"prompt_source: must be one of {PROMPT_SOURCES}, got {prompt_source!r}"
+            )
+        self.policy_tokenizer = policy_tokenizer
+        self.prompt_source = prompt_source
+        self.special_tokens = (
+            policy_special_tokens(policy_tokenizer)
+            if policy_tokenizer is not None
+            else COMMON_SPECIAL_TOKENS
+        )
+        self.stripper: ChatTemplateStripper | None = None
+        if policy_tokenizer is not None and getattr(policy_tokenizer, "chat_template", None):
+            self.stripper = ChatTemplateStripper(policy_tokenizer)
+        if prompt_source == "template" and self.stripper is None:
+            raise ValueError(
+                "prompt_source 'template' needs a policy tokenizer with a chat template"
+            )
+        self._warned_unmatched = False
+
+    def startup_warning(self) -> str | None:
+        """What to warn about at start-up: the verifier may see the policy's template."""
+        if self.prompt_source in ("auto", "label") and self.stripper is None:
+            return (
+                "no policy tokenizer with a chat template: samples whose label is not the raw prompt "
+                "are scored with the policy's templated prompt as it is (set --data.label_key to the "
+                "raw prompt column, or name the policy tokenizer)"
+            )
+        if self.prompt_source == "templated":
+            return "prompt source 'templated': the verifier sees the policy's templated prompt as it is"
+        return None
+
+    def recover(self, query: str, prompt: str, label: Any = None) -> Recovered:
+        """The verifier's view of one OpenRLHF sample (never raises for bad sample content)."""
+        tail = split_query(query, prompt, self.policy_tokenizer)
+        source, verifier_prompt = self._prompt(prompt, label)
+        if tail is None:
+            return Recovered(
+                verifier_prompt, "", source, error="query does not start with the prompt"
+            )
+        return Recovered(verifier_prompt, clean_response(tail, self.special_tokens), source)
+
+    def _prompt(self, prompt: str, label: Any) -> tuple[str, str | list[dict[str, Any]]]:
+        if self.prompt_source in ("auto", "label"):
+            from_label = _label_prompt(label)
+            if from_label is not None:
+                return "label", from_label
+        if self.prompt_source in ("auto", "label", "template") and self.stripper is not None:
+            stripped = self.stripper.unwrap(prompt)
+            if stripped is not None:
+                return "template", stripped
+            if not self._warned_unmatched:
+                self._warned_unmatched = True
+                logger.warning(
+                    "a prompt does not match the policy's chat template; scoring it as it is "
+                    "(warned once): %.200r",
+                    prompt,
+                )
+        return "templated", prompt
+
+
+def openrlhf_reply(results: Sequence[CMEResult]) -> dict[str, Any]:
+    """The JSON OpenRLHF expects for a request: ``rewards``, ``scores``, ``extra_logs`` (+ ``results``).
+
+    OpenRLHF turns every ``extra_logs`` value into a tensor (``torch.tensor([value])``), so they are
+    all numbers: ``cme``, ``n_tokens``, ``truncated`` (0/1) and ``failed`` (1 when the sample got the
+    floor reward). The error text is in ``results`` (SPEC.md's fields per sample), which OpenRLHF
+    ignores, and in the log.
+    """
+    rewards = [float(r.cme) for r in results]
+    return {
+        "rewards": rewards,
+        "scores": rewards,
+        "extra_logs": extra_logs(results),
+        "results": [r.to_dict() for r in results],
+    }
+
+
+def extra_logs(results: Sequence[CMEResult]) -> dict[str, list[float]]:
+    """Numeric per-sample logs (see :func:`openrlhf_reply`)."""
+    return {
+        "cme": [float(r.cme) for r in results],
+        "n_tokens": [float(r.n_tokens) for r in results],
+        "truncated": [float(r.truncated) for r in results],
+        "failed": [float(r.error is not None) for r in results],
+    }

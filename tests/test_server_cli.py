@@ -1,0 +1,96 @@
+"""``cme-rewards serve`` as a real process: options, token from the environment, SIGTERM drains."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from cme_rewards.server.background import free_port
+from cme_rewards.server.cli import main
+
+QUESTION = "What is the capital of France?"
+
+
+def test_bad_options_fail_naming_them(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--max-batch-size", "0"])
+    assert exc.value.code == 2 and "--max-batch-size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--request-timeout", "0"])
+    assert "--request-timeout" in capsys.readouterr().err
+    assert main(["--verifier", "no-such-verifier", "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "--verifier 'no-such-verifier'" in err and "smollm2-135m-instruct" in err
+
+
+@pytest.mark.slow
+def test_serve_process_answers_and_drains_on_sigterm(smollm_scorer):
+    prompt = smollm_scorer.tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
+    )
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "CME_REWARDS_TOKEN": "from-env"}
+    cmd = [sys.executable, "-m", "cme_rewards.server.cli", "--port", str(port), "--device", "cpu"]
+    cmd += [
+        "--policy-tokenizer",
+        "smollm2-135m-instruct",
+        "--max-wait-ms",
+        "5000",
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.25)
+        headers = {"Authorization": "Bearer from-env"}
+        assert httpx.get(url + "/metrics", timeout=5).status_code == 401
+        answers = ["Paris.", "The capital is Paris.", "Lyon."]
+        replies: dict[int, httpx.Response] = {}
+
+        def call(i: int) -> None:
+            body = {
+                "query": [prompt + answers[i] + "<|im_end|>"],
+                "prompts": [prompt],
+                "labels": [""],
+            }
+            replies[i] = httpx.post(url + "/get_reward", json=body, headers=headers, timeout=60)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(answers))]
+        for t in threads:
+            t.start()
+        queued_by = time.monotonic() + 4.0  # within the 5 s the first sample waits for company
+        while httpx.get(url + "/metrics", headers=headers, timeout=5).json()["queue_depth"] < 3:
+            assert time.monotonic() < queued_by, "requests did not reach the queue in time"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)  # all three are waiting in the queue
+        for t in threads:
+            t.join(60)
+        # uvicorn re-raises the signal after its graceful shutdown, so the exit status says SIGTERM.
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    want = smollm_scorer.score([QUESTION] * 3, answers)
+    for i, w in enumerate(want):
+        assert replies[i].status_code == 200 and replies[i].json()["rewards"][0] == pytest.approx(
+            w.cme, abs=1e-4
+        )
