@@ -3,9 +3,8 @@ bootstrap resamples, every figure on (BCa + percentile, sign test, position bias
 
 Each variant runs as a fresh subprocess (cold start included: interpreter, imports, reading the
 file, the analysis, printing), once untimed, then ``--repeats`` times; the median wall time is the
-figure. Side by side in the same run: the same command with a package ``__init__`` that imports
-nothing (what a lazy ``cme_rewards/__init__.py`` gives), the analysis without the bootstrap, and the
-bare import costs, so the time can be attributed. A phase breakdown from one in-process run is
+figure. Side by side in the same run: the analysis without the bootstrap and the bare import
+costs, so the time can be attributed. A phase breakdown from one in-process run is
 included. The judgments use the real AlpacaEval outputs of claude-2.1 and gpt4_1106_preview (so the
 file has realistic size) when ../shared is present, with verdicts simulated from GPT-4-turbo's
 preference. Writes ``benchmarks/results/winrate_bench.json``.
@@ -34,19 +33,13 @@ SHARED = ROOT.parent / "shared" / "data" / "alpaca_eval" / "claude-2.1.annotatio
 OUT = ROOT / "benchmarks" / "results" / "winrate_bench.json"
 TARGET_S = 2.0
 
-STUB = (
-    "import runpy, sys, types; m = types.ModuleType('cme_rewards'); m.__path__ = [{pkg!r}]; "
-    "sys.modules['cme_rewards'] = m; sys.argv = ['winrate', *sys.argv[1:]]; "
-    "runpy.run_module('cme_rewards.winrate', run_name='__main__', alter_sys=True)"
-)
 PHASES = """
-import json, sys, time, types
+import json, time
 t0 = time.perf_counter()
 import numpy
 t1 = time.perf_counter()
 import scipy.stats
 t2 = time.perf_counter()
-m = types.ModuleType('cme_rewards'); m.__path__ = [{pkg!r}]; sys.modules['cme_rewards'] = m
 from cme_rewards.winrate import Settings, compare, load_judgments
 from cme_rewards.winrate.report import format_table
 t3 = time.perf_counter()
@@ -122,13 +115,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "judgments.jsonl"
         source = make_judgments(path)
-        stub = STUB.format(pkg=str(ROOT / "cme_rewards"))
         variants = {
             "python -m cme_rewards.winrate FILE (all figures, 10,000 resamples)":
                 [py, "-m", "cme_rewards.winrate", str(path)],
-            "same, package __init__ importing nothing (a lazy cme_rewards/__init__.py)":
-                [py, "-c", stub, str(path)],
-            "same as previous, --no-bootstrap": [py, "-c", stub, str(path), "--no-bootstrap"],
+            "same, --no-bootstrap": [py, "-m", "cme_rewards.winrate", str(path), "--no-bootstrap"],
             "python -c 'import scipy.stats'": [py, "-c", "import scipy.stats"],
             "python -c 'import cme_rewards'": [py, "-c", "import cme_rewards"],
             "python -c 'pass'": [py, "-c", "pass"],
@@ -136,7 +126,7 @@ def main() -> int:
         results = {name: timed(cmd, args.repeats) for name, cmd in variants.items()}
         for name, r in results.items():
             print(f"{r['median_wall_s']:7.3f} s wall  {r['median_cpu_s']:7.3f} s cpu  {name}")
-        phase_code = PHASES.format(pkg=str(ROOT / "cme_rewards"), path=str(path))
+        phase_code = PHASES.format(path=str(path))
         phases = subprocess.run(
             [py, "-c", phase_code], check=True, capture_output=True, text=True, cwd=ROOT
         )
@@ -145,16 +135,13 @@ def main() -> int:
         n_lines = sum(1 for _ in path.open())
         size = path.stat().st_size
     headline = results["python -m cme_rewards.winrate FILE (all figures, 10,000 resamples)"]
-    lazy = results["same, package __init__ importing nothing (a lazy cme_rewards/__init__.py)"]
     doc = {
         "benchmark": "python -m cme_rewards.winrate, cold start, 805 prompts x 2 orders x 2 judges",
         "input": {"judgments": n_lines, "bytes": size, "source": source},
         "settings": "defaults: 10,000 resamples, BCa + percentile, sign test, position bias, LC (analytic interval)",
         "target_s": TARGET_S,
         "median_wall_s": headline["median_wall_s"],
-        "median_wall_s_with_lazy_package_init": lazy["median_wall_s"],
         "meets_target": headline["median_wall_s"] < TARGET_S,
-        "meets_target_with_lazy_package_init": lazy["median_wall_s"] < TARGET_S,
         "repeats": args.repeats,
         "variants": results,
         "phases_s": breakdown,
