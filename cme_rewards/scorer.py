@@ -112,7 +112,7 @@ class CMEScorer:
                 self.verifier_name, device=device, dtype=dtype, seed=seed
             )
         else:
-            self.verifier_name = verifier or str(getattr(model, "name_or_path", "custom"))
+            self.verifier_name = verifier or getattr(model, "name_or_path", "") or "custom model"
             model.eval().requires_grad_(False)
         self.model: PreTrainedModel = model
         self.tokenizer: Tokenizer = tokenizer
@@ -172,6 +172,9 @@ class CMEScorer:
         for name, seq in (("responses", responses), ("ids", ids), ("groups", groups)):
             if seq is not None and len(seq) != n:
                 raise ValueError(f"{name}: {len(seq)} entries for {n} prompts")
+        for i, response in enumerate(responses):
+            if not isinstance(response, str):
+                raise TypeError(f"responses[{i}]: expected a string, got {type(response).__name__}")
         inputs = [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
         token_lps: list[torch.Tensor | None] = [None] * n
         with self._lock, torch.inference_mode():

@@ -129,40 +129,35 @@ def test_bad_configuration_fails_at_start_up(monkeypatch):
         CMEScorer(model=model)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"final_logit_softcapping": 2.0}, {"logit_scale": 0.3}])
-def test_output_head_transform_matches_full_forward(smollm_tokenizer, overrides):
+def test_non_string_response_is_named(smollm_scorer):
+    with pytest.raises(TypeError, match=r"responses\[1\]: expected a string, got NoneType"):
+        smollm_scorer.score(["Hi", "Hi"], ["Hello", None])
+
+
+def tiny_causal_lm(arch: str, **overrides):
+    """A random-weight 2-layer model of ``arch`` (``"Gemma3Text"`` or ``"Cohere"``) over SmolLM2's vocabulary."""
+    import transformers
+
+    config_cls = getattr(transformers, f"{arch}Config")
+    model_cls = getattr(transformers, f"{arch.removesuffix('Text')}ForCausalLM")
+    config = config_cls(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, **overrides)  # fmt: skip
+    torch.manual_seed(0)
+    return model_cls(config).eval()
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        tiny_llama,
+        lambda: tiny_causal_lm("Gemma3Text", final_logit_softcapping=2.0),
+        lambda: tiny_causal_lm("Cohere", logit_scale=0.3),
+    ],
+    ids=["llama", "gemma3-softcap", "cohere-logit-scale"],
+)
+def test_output_head_transform_matches_full_forward(smollm_tokenizer, build):
     """Head applied only at scored rows, with the config's softcap / scale, equals the model's logits."""
-    if "final_logit_softcapping" in overrides:
-        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-        config = Gemma3TextConfig(
-            vocab_size=49152,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            **overrides,
-        )
-        torch.manual_seed(0)
-        model = Gemma3ForCausalLM(config).eval()
-    elif "logit_scale" in overrides:
-        from transformers import CohereConfig, CohereForCausalLM
-
-        config = CohereConfig(
-            vocab_size=49152,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            **overrides,
-        )
-        torch.manual_seed(0)
-        model = CohereForCausalLM(config).eval()
-    else:
-        model = tiny_llama()
+    model = build()
     scorer = CMEScorer(model=model, tokenizer=smollm_tokenizer)
     assert scorer._fused_head
     res = scorer.score(["Hi there"], ["General Kenobi!"], return_token_logprobs=True)[0]
