@@ -1,6 +1,9 @@
 """Render a ``bench_kernels.py`` JSON into a markdown table (stdout and ``<json>.md``) and a plot.
 
-python benchmarks/render_kernels.py benchmarks/results/kernels_nvidia_h100_80gb_hbm3.json
+The first table has one row per (case, method); the second checks our kernels against the targets
+of issue 13, which are ratios within the run (fastest peer, copy bandwidth, bare matmul).
+
+    python3 benchmarks/render_kernels.py benchmarks/results/kernels_nvidia_h100_80gb_hbm3.json
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ def _fmt(value, spec: str) -> str:
 def render_markdown(result: dict) -> str:
     """One table over all cases: ms, throughput, ratio to the bare matmul, extra memory, error."""
     lines = [
-        f"Measured on {result['gpu']} (sm{''.join(map(str, result['capability']))}), "
+        f"Measured on {result['gpu']} (sm{''.join(map(str, result['capability'])) or '-'}), "
         f"torch {result['torch']} (CUDA {result['cuda']}), triton {result['triton']}, "
         f"{result['date']}; bf16 inputs; peers: "
         + ", ".join(f"{k} {v}" for k, v in result["peers"].items() if v)
@@ -46,14 +49,15 @@ def render_markdown(result: dict) -> str:
     if result.get("targets"):
         lines += [
             "",
-            "| target check | method | measured | limit | met |",
+            "| target check | method | measured | target | met |",
             "| --- | --- | ---: | ---: | --- |",
         ]
         for verdict in result["targets"]:
             for name, check in verdict["checks"].items():
+                met = {True: "yes", False: "NO", None: "not measured"}[check["met"]]
                 lines.append(
-                    f"| {verdict['case']} {name} | {verdict['method']} | {check['value']:.4g} "
-                    f"| {check['limit']:.4g} | {'yes' if check['met'] else 'NO'} |"
+                    f"| {verdict['case']} {name} | {verdict['method'] or '-'} "
+                    f"| {_fmt(check['value'], '.4g')} | {check['limit']} | {met} |"
                 )
     return "\n".join(lines) + "\n"
 

@@ -7,13 +7,11 @@ oldest item may wait for company), runs the batch function once, and hands every
 result. An exception from a batch is isolated by splitting the batch in halves, so one bad item
 fails alone and the others still get their results.
 
-:class:`BatchedScorer` applies this to :meth:`cme_rewards.CMEScorer.score`; the HTTP server and the
-OpenRLHF file-mode ``reward_func`` both use it.
+:class:`cme_rewards.batched_scorer.BatchedScorer` applies this to a scorer.
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import logging
 import threading
@@ -21,9 +19,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
-from cme_rewards.results import FLOOR_REWARD, CMEResult
+from cme_rewards.options import at_least, check_fields, option
+from cme_rewards.retry import TransientError
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +30,12 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-class TransientError(RuntimeError):
-    """Trouble that may pass if the caller retries (a server answers 503)."""
-
-
 class Overloaded(TransientError):
     """The queue already holds ``max_queue`` items."""
+
+
+class TooManyItems(ValueError):
+    """One submission holds more items than the queue can ever hold: retrying cannot help."""
 
 
 class BatcherClosed(TransientError):
@@ -45,28 +44,30 @@ class BatcherClosed(TransientError):
 
 @dataclass(frozen=True)
 class BatchLimits:
-    """Limits on one batch.
+    """Limits on the micro-batches of concurrent callers (declared once for every surface)."""
 
-    Attributes:
-        max_batch_tokens: bound on ``batch_size * longest item`` (verifier tokens, i.e. the padded
-            ``[batch, seq]`` size); an item longer than this still runs, alone.
-        max_batch_size: most items in one batch (1 turns batching off).
-        max_wait_ms: how long the oldest waiting item may wait for others before its batch runs.
-        max_queue: most items waiting; beyond it :meth:`MicroBatcher.submit` raises
-            :class:`Overloaded`.
-    """
-
-    max_batch_tokens: int = 16384
-    max_batch_size: int = 64
-    max_wait_ms: float = 10.0
-    max_queue: int = 4096
+    max_batch_tokens: int = option(
+        16384,
+        "bound on batch size x longest sample (the padded [batch, seq] size); a longer sample "
+        "still runs, alone",
+        unit="tokens",
+        check=at_least(1),
+    )
+    max_batch_size: int = option(
+        64, "most samples in one batch (1 turns batching off)", check=at_least(1)
+    )
+    max_wait_ms: float = option(
+        10.0, "how long the oldest waiting sample may wait for others", unit="ms", check=at_least(0)
+    )
+    max_queue: int = option(
+        4096,
+        "most samples waiting; beyond it callers are told to retry",
+        unit="samples",
+        check=at_least(1),
+    )
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_tokens", "max_batch_size", "max_queue"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,6 @@ class MicroBatcher(Generic[T, R]):
     Args:
         process: the batch function; runs only on the worker thread, one batch at a time.
         limits: batch limits.
-        cost: an item's size in tokens (for ``max_batch_tokens``); runs in the submitting thread.
         on_batch: called on the worker thread after every batch with its :class:`BatchStats`.
         name: worker thread name.
     """
@@ -104,13 +104,11 @@ class MicroBatcher(Generic[T, R]):
         process: Callable[[list[T]], Sequence[R]],
         limits: BatchLimits | None = None,
         *,
-        cost: Callable[[T], int] = lambda _item: 1,
         on_batch: Callable[[BatchStats], None] | None = None,
         name: str = "cme-batcher",
     ) -> None:
         self.process = process
         self.limits = limits or BatchLimits()
-        self.cost = cost
         self.on_batch = on_batch
         self._queue: deque[_Pending[T, R]] = deque()
         self._cond = threading.Condition()
@@ -132,30 +130,60 @@ class MicroBatcher(Generic[T, R]):
         """Whether a batch is running now."""
         return self._busy
 
-    def submit(self, item: T) -> concurrent.futures.Future[R]:
-        """Queue one item; the future gets its result or the exception it raised.
+    def submit(self, item: T, cost: int = 1) -> concurrent.futures.Future[R]:
+        """Queue one item of ``cost`` tokens; see :meth:`submit_many`."""
+        return self.submit_many([item], [cost])[0]
 
-        Raises :class:`Overloaded` when the queue is full and :class:`BatcherClosed` after
-        :meth:`close`. An exception from ``cost`` is set on the returned future.
+    def submit_many(
+        self, items: Sequence[T], costs: Sequence[int]
+    ) -> list[concurrent.futures.Future[R]]:
+        """Queue all ``items`` (``costs[i]``: item ``i``'s size in tokens) or none of them.
+
+        Each future gets its item's result or the exception it raised. Raises
+        :class:`TooManyItems` when ``len(items)`` exceeds ``max_queue`` (it can never fit),
+        :class:`Overloaded` when the queue has no room for them now, :class:`BatcherClosed`
+        after :meth:`close`.
         """
-        future: concurrent.futures.Future[R] = concurrent.futures.Future()
-        try:
-            cost = max(1, int(self.cost(item)))
-        except Exception as exc:  # the item alone is bad: report it through its future
-            future.set_exception(exc)
-            return future
+        if len(items) > self.limits.max_queue:
+            raise TooManyItems(
+                f"{len(items)} samples in one request; the queue holds at most "
+                f"max_queue={self.limits.max_queue}"
+            )
+        now = time.monotonic()
+        pending = [
+            _Pending(item, max(1, int(cost)), concurrent.futures.Future(), now)
+            for item, cost in zip(items, costs, strict=True)
+        ]
         with self._cond:
             if self._closed:
                 raise BatcherClosed("batcher is shutting down")
-            if len(self._queue) >= self.limits.max_queue:
-                raise Overloaded(f"queue full ({self.limits.max_queue} samples waiting)")
-            self._queue.append(_Pending(item, cost, future, time.monotonic()))
+            if len(self._queue) + len(pending) > self.limits.max_queue:
+                raise Overloaded(
+                    f"queue full ({len(self._queue)} of max_queue={self.limits.max_queue} "
+                    f"samples waiting, {len(pending)} more asked)"
+                )
+            self._queue.extend(pending)
             self._cond.notify_all()
-        return future
+        return [p.future for p in pending]
 
-    async def submit_async(self, item: T) -> R:
-        """Submit one item and await its result; cancelling the await withdraws a waiting item."""
-        return await asyncio.wrap_future(self.submit(item))
+    def withdraw(self, futures: Sequence[concurrent.futures.Future[R]]) -> int:
+        """Cancel the futures whose items still wait, and take those items out of the queue.
+
+        Items already in a running batch finish (their results are dropped). Returns how many
+        were withdrawn.
+        """
+        targets = {id(f) for f in futures}
+        with self._cond:
+            keep: deque[_Pending[T, R]] = deque()
+            withdrawn = 0
+            for p in self._queue:
+                if id(p.future) in targets and p.future.cancel():
+                    withdrawn += 1
+                else:
+                    keep.append(p)
+            self._queue = keep
+            self._cond.notify_all()
+        return withdrawn
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking items, finish every queued one, and stop the worker thread."""
@@ -253,103 +281,3 @@ class MicroBatcher(Generic[T, R]):
         for p, r in zip(batch, results, strict=True):
             p.future.set_result(r)
         return 0
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One sample for the verifier: ``prompt`` (instruction text or chat messages) and ``response``."""
-
-    prompt: str | list[dict[str, Any]]
-    response: str
-    id: str | None = None
-
-
-def floor_result(error: str, id: str | None = None, floor: float = FLOOR_REWARD) -> CMEResult:
-    """The floor reward (nats) for a sample that can never be scored, with ``error`` saying why."""
-    return CMEResult(cme=floor, n_tokens=0, truncated=False, error=error, id=id)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` may pass on a retry: overload, timeout, or out of (GPU) memory."""
-    if isinstance(exc, TransientError | TimeoutError | MemoryError):
-        return True
-    return type(exc).__name__ == "OutOfMemoryError"  # torch.OutOfMemoryError (CUDA / MPS)
-
-
-class BatchedScorer:
-    """A :class:`cme_rewards.CMEScorer` behind a :class:`MicroBatcher`: one sample in, one result out.
-
-    A sample that fails on its own with a non-transient exception gets the floor reward with the
-    exception in ``error`` (and a logged warning naming its id); transient exceptions (see
-    :func:`is_transient`) reach the caller so it can retry or answer 503.
-    """
-
-    def __init__(
-        self,
-        scorer: Any,
-        limits: BatchLimits | None = None,
-        *,
-        on_batch: Callable[[BatchStats], None] | None = None,
-    ) -> None:
-        self.scorer = scorer
-        self.batcher: MicroBatcher[Sample, CMEResult] = MicroBatcher(
-            self._score_batch, limits, cost=self._cost, on_batch=on_batch
-        )
-
-    def _cost(self, sample: Sample) -> int:
-        return len(self.scorer.encode(sample.prompt, sample.response).input_ids)
-
-    def _score_batch(self, samples: list[Sample]) -> list[CMEResult]:
-        ids = [s.id or "" for s in samples] if any(s.id for s in samples) else None
-        return self.scorer.score(
-            [s.prompt for s in samples], [s.response for s in samples], ids=ids
-        )
-
-    def _settle(self, sample: Sample, exc: BaseException) -> CMEResult:
-        if is_transient(exc):
-            raise exc
-        error = f"verifier error: {type(exc).__name__}: {exc}"[:300]
-        logger.warning("sample %r got the floor reward: %s", sample.id, error)
-        return floor_result(error, sample.id, floor=getattr(self.scorer, "floor", FLOOR_REWARD))
-
-    def score(self, sample: Sample, timeout: float | None = None) -> CMEResult:
-        """Score one sample, blocking; batched with whatever else is submitted meanwhile."""
-        return self.score_many([sample], timeout)[0]
-
-    def score_many(
-        self, samples: Sequence[Sample], timeout: float | None = None
-    ) -> list[CMEResult]:
-        """Score samples from one thread, all submitted before waiting so they batch together.
-
-        Raises the first transient exception (and withdraws the samples not yet started), or
-        ``TimeoutError`` when ``timeout`` seconds pass before every result is in.
-        """
-        futures: list[concurrent.futures.Future[CMEResult]] = []
-        try:
-            for sample in samples:
-                futures.append(self.batcher.submit(sample))
-            _, pending = concurrent.futures.wait(futures, timeout)
-            if pending:
-                raise TimeoutError(f"no result within {timeout} s")
-            return [self._result(s, f) for s, f in zip(samples, futures, strict=True)]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-
-    def _result(self, sample: Sample, future: concurrent.futures.Future[CMEResult]) -> CMEResult:
-        exc = future.exception()
-        return future.result() if exc is None else self._settle(sample, exc)
-
-    async def score_async(self, sample: Sample) -> CMEResult:
-        """Score one sample from a coroutine; batched with concurrent calls."""
-        try:
-            return await self.batcher.submit_async(sample)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            return self._settle(sample, exc)
-
-    def close(self, timeout: float | None = None) -> None:
-        """Finish queued samples and stop the worker thread."""
-        self.batcher.close(timeout)

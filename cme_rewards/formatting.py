@@ -1,6 +1,6 @@
 """What the verifier sees: its own prompt format, then the response re-tokenized with its tokenizer.
 
-Rules (DESIGN.md's protocol):
+Rules:
 - The prompt is rendered with the verifier's chat template (``add_generation_prompt=True``) when it
   has one (or one is passed), else with ``PLAIN_PROMPT_TEMPLATE`` preceded by the tokenizer's BOS.
   A plain-text prompt becomes one user message; a list of chat messages is rendered as it is (with
@@ -17,9 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from cme_rewards.options import ScorerOptions
 
 PLAIN_PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 """Prompt format for verifiers without a chat template (``{prompt}`` is the instruction)."""
@@ -40,6 +44,9 @@ GENERATOR_END_MARKERS = (
 """End-of-turn / EOS / padding markers of common generator families, removed from a response's end."""
 
 Prompt = str | Sequence[dict[str, Any]]
+
+EMPTY_PROMPT = ""
+"""The prompt of ``reduction="pmi"``'s second pass: the same format with an empty instruction."""
 
 
 @dataclass
@@ -113,6 +120,47 @@ def render_prompt(
     return ids
 
 
+def _is_text(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (no lone surrogates, which no tokenizer accepts)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def prompt_problem(prompt: Prompt) -> str | None:
+    """Why ``prompt`` cannot be rendered (not text or messages, lone surrogates), or ``None``."""
+    if isinstance(prompt, str):
+        return None if _is_text(prompt) else "undecodable text in prompt"
+    if isinstance(prompt, list | tuple) and prompt:
+        for k, message in enumerate(prompt):
+            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+                return f"prompt message {k} has no string content"
+            if not isinstance(message.get("role"), str):
+                return f"prompt message {k} has no string role"
+            if not (_is_text(message["content"]) and _is_text(message["role"])):
+                return f"undecodable text in prompt message {k}"
+        return None
+    return "prompt must be text or a non-empty list of chat messages"
+
+
+def encode_sample(
+    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, response: str, options: ScorerOptions
+) -> VerifierInput:
+    """:func:`build_verifier_input` with a scorer's options (local and remote verifiers alike)."""
+    return build_verifier_input(
+        tokenizer,
+        prompt,
+        response,
+        max_length=options.max_length,
+        prompt_template=options.prompt_template,
+        chat_template=options.chat_template,
+        score_eos=options.score_eos,
+        strip_special_tokens=options.strip_special_tokens,
+    )
+
+
 def build_verifier_input(
     tokenizer: PreTrainedTokenizerBase,
     prompt: Prompt,
@@ -128,17 +176,23 @@ def build_verifier_input(
 
     ``response`` is text as the generator produced it (decoded without special tokens, or with
     them: see ``clean_response``). Returns a ``VerifierInput`` with ``error`` set (no exception)
-    for a sample that can never be scored: an empty response or undecodable text.
+    for a sample that can never be scored: an empty response, undecodable text, a prompt the
+    chat template rejects.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    try:
-        response.encode("utf-8")
-    except UnicodeEncodeError:
+    if not _is_text(response):
         return VerifierInput([], 0, error="undecodable text in response")
-    prompt_ids = render_prompt(
-        tokenizer, prompt, prompt_template=prompt_template, chat_template=chat_template
-    )
+    if (problem := prompt_problem(prompt)) is not None:
+        return VerifierInput([], 0, error=problem)
+    try:
+        prompt_ids = render_prompt(
+            tokenizer, prompt, prompt_template=prompt_template, chat_template=chat_template
+        )
+    except TemplateError as exc:
+        return VerifierInput(
+            [], 0, error=f"the verifier's chat template rejects the prompt: {exc}"[:300]
+        )
     text = clean_response(response, strip_special_tokens)
     response_ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
     if not response_ids:

@@ -20,12 +20,19 @@ class InputError(ValueError):
     """Malformed input; the message names the file, line and field."""
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
+
+
+def read_jsonl(
+    path: str | os.PathLike, *, allow_nan: bool = False
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line_number, record)`` for each non-blank line of a JSONL file (1-based lines).
 
     Raises ``InputError`` naming ``file:line`` for bytes that are not UTF-8, text that is not
-    JSON, or a line that is not a JSON object.
+    JSON (``NaN`` and ``Infinity`` too, unless ``allow_nan``), or a line that is not a JSON object.
     """
+    parse_constant = None if allow_nan else _no_constant
     path = Path(path)
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
@@ -38,16 +45,36 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
             if not text.strip():
                 continue
             try:
-                record = json.loads(text)
+                record = json.loads(text, parse_constant=parse_constant)
             except json.JSONDecodeError as exc:
                 raise InputError(
                     f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})"
                 ) from None
+            except ValueError as exc:
+                raise InputError(f"{path}:{lineno}: {exc}") from None
             if not isinstance(record, dict):
                 raise InputError(
                     f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}"
                 )
             yield lineno, record
+
+
+def check_output_path(path: str | os.PathLike) -> None:
+    """Fail early, with ``InputError`` naming ``path``, when a file cannot be written there.
+
+    Creates the parent folders and a temporary file beside ``path`` (then removes it), exactly as
+    :func:`atomic_write_jsonl` will.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write here ({exc.strerror or exc})") from None
+    os.close(fd)
+    Path(tmp).unlink(missing_ok=True)
 
 
 def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:

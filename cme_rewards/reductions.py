@@ -1,4 +1,15 @@
-"""Turning per-token log-probs into a reward, and rewards into GRPO advantages."""
+"""Turning per-token log-probs into a reward, and rewards into GRPO advantages.
+
+Reductions (``ScorerOptions.reduction``), over the ``n`` scored response tokens, in nats:
+
+- ``mean``: CME, ``sum_t log q(y_t | x, y_<t) / n``;
+- ``sum``: the response's total log-likelihood;
+- ``min_k``: the mean of the lowest ``ceil(min_k_percent / 100 * n)`` token log-probs (the
+  Min-K% statistic: how bad the response's worst tokens are);
+- ``pmi``: ``mean`` given the prompt minus ``mean`` of the same response tokens after an empty
+  prompt in the same format (how much the prompt explains the response; predictable style alone
+  cancels out).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +19,9 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from cme_rewards.results import FLOOR_REWARD
+from cme_rewards.options import REDUCTIONS
 
-REDUCTIONS = ("mean", "sum")
+__all__ = ["REDUCTIONS", "grpo_advantages", "reduce_token_logprobs"]
 
 
 def reduce_token_logprobs(
@@ -18,25 +29,40 @@ def reduce_token_logprobs(
     *,
     reduction: str = "mean",
     min_tokens: int = 1,
-    floor: float = FLOOR_REWARD,
-) -> tuple[float, str | None]:
+    min_k_percent: float = 20.0,
+    unconditional: torch.Tensor | Sequence[float] | None = None,
+) -> tuple[float | None, str | None]:
     """Reduce one response's token log-probs ``[n_tokens]`` (nats) to its reward.
 
-    Returns ``(reward, error)``: the mean or sum in nats, or ``(floor, reason)`` when the response
-    has fewer than ``min_tokens`` scored tokens or a log-prob is not finite. Never NaN.
+    ``unconditional`` (``[n_tokens]``, nats) are the same tokens' log-probs without the prompt,
+    needed by ``pmi``. Returns ``(reward, None)``, or ``(None, reason)`` when the response has
+    fewer than ``min_tokens`` scored tokens or a log-prob is not finite. Never NaN.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    values = torch.as_tensor(logprobs, dtype=torch.float64)
+    values = torch.as_tensor(logprobs, dtype=torch.float64).flatten()
     n = values.numel()
     if n == 0:
-        return floor, "empty response"
+        return None, "empty response"
     if n < min_tokens:
-        return floor, f"response has {n} tokens, fewer than min_tokens={min_tokens}"
+        return None, f"response has {n} tokens, fewer than min_tokens={min_tokens}"
     if not bool(torch.isfinite(values).all()):
-        return floor, "non-finite log-prob from verifier"
-    total = float(values.sum())
-    return (total / n if reduction == "mean" else total), None
+        return None, "non-finite log-prob from verifier"
+    if reduction == "mean":
+        return float(values.mean()), None
+    if reduction == "sum":
+        return float(values.sum()), None
+    if reduction == "min_k":
+        k = max(1, math.ceil(min_k_percent / 100 * n))
+        return float(values.sort().values[:k].mean()), None
+    if unconditional is None:
+        raise ValueError("reduction pmi needs the unconditional log-probs")
+    base = torch.as_tensor(unconditional, dtype=torch.float64).flatten()
+    if base.numel() != n:
+        raise ValueError(f"pmi: {base.numel()} unconditional log-probs for {n} tokens")
+    if not bool(torch.isfinite(base).all()):
+        return None, "non-finite log-prob from verifier (without the prompt)"
+    return float(values.mean() - base.mean()), None
 
 
 def grpo_advantages(values: Sequence[float], groups: Sequence[Hashable]) -> list[float]:
@@ -46,11 +72,8 @@ def grpo_advantages(values: Sequence[float], groups: Sequence[Hashable]) -> list
     """
     if len(values) != len(groups):
         raise ValueError(f"{len(values)} values but {len(groups)} group labels")
-    members: dict[Hashable, list[int]] = defaultdict(list)
-    for i, g in enumerate(groups):
-        members[g].append(i)
     out = [0.0] * len(values)
-    for idx in members.values():
+    for idx in group_members(groups).values():
         if len(idx) < 2:
             continue
         xs = [float(values[i]) for i in idx]
@@ -59,3 +82,11 @@ def grpo_advantages(values: Sequence[float], groups: Sequence[Hashable]) -> list
         for i, x in zip(idx, xs, strict=True):
             out[i] = (x - mean) / (std + 1e-6)
     return out
+
+
+def group_members(groups: Sequence[Hashable]) -> dict[Hashable, list[int]]:
+    """Group label -> indices of its members, in first-seen order."""
+    members: dict[Hashable, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    return members

@@ -19,8 +19,8 @@ Wire formats:
   ``[logprob, token_id, text]`` aligned with ``input_ids[logprob_start_len:]`` whose first logprob
   is always ``null``. Start-up check: ``GET {url}/get_model_info`` (``is_generation`` must be true).
 
-Failures: connection errors, timeouts and 5xx answers are retried with exponential backoff; when
-``max_retries`` tries all fail, :class:`RemoteVerifierUnavailable` is raised (the verifier is down:
+Failures: connection errors, timeouts and 5xx answers are retried on :mod:`cme_rewards.retry`'s
+schedule; when ``max_retries`` tries all fail, :class:`RemoteVerifierUnavailable` is raised (the verifier is down:
 not a property of one sample). A 4xx answer or a malformed answer for one sample, or a sample that
 can never be scored (empty response), gives the floor reward with ``error`` set.
 """
@@ -29,34 +29,55 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from transformers import AutoTokenizer
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
-from cme_rewards.formatting import Prompt, VerifierInput, build_verifier_input
-from cme_rewards.models import RANDOM_PREFIX, resolve_verifier
-from cme_rewards.reductions import REDUCTIONS, reduce_token_logprobs
-from cme_rewards.results import FLOOR_REWARD, CMEResult
+from cme_rewards.formatting import EMPTY_PROMPT, Prompt, VerifierInput, encode_sample
+from cme_rewards.models import resolve_verifier
+from cme_rewards.options import OptionError, ScorerOptions, above, at_least, check_fields, option
+from cme_rewards.results import CMEResult, finish_sample, floored
+from cme_rewards.retry import DEFAULT_TRIES, TransientError, retry_async
+from cme_rewards.verifier_names import strip_random
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("vllm", "sglang")
 
 
-class RemoteConfigError(ValueError):
-    """A setting of a remote verifier is wrong; ``option`` names it (``url``, ``model``, ...)."""
-
-    def __init__(self, option: str, message: str) -> None:
-        super().__init__(f"{option}: {message}")
-        self.option = option
+RemoteConfigError = OptionError
+"""A setting of a remote verifier is wrong; ``option`` names it (``url``, ``model``, ...)."""
 
 
 class RemoteVerifierUnavailable(RuntimeError):
     """The server did not answer after every retry (connection refused, timeouts, 5xx)."""
+
+
+class _ServerTrouble(TransientError):
+    """One failed attempt that may pass: connection error, timeout, 5xx."""
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    """How to reach a served verifier (the scorer's own options are :class:`ScorerOptions`)."""
+
+    url: str | None = option(
+        None, "the server's base URL, e.g. http://10.0.0.5:8000 (http:// is added when missing)"
+    )
+    model: str | None = option(
+        None, "vLLM's model request field (none: the first model the server lists)"
+    )
+    timeout_s: float = option(300.0, "per-request timeout", unit="s", check=above(0))
+    max_retries: int = option(
+        DEFAULT_TRIES, "tries of a request on transient trouble before giving up", check=at_least(1)
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 class _SampleError(Exception):
@@ -64,68 +85,38 @@ class _SampleError(Exception):
 
 
 def load_verifier_tokenizer(name: str) -> Tokenizer:
-    """The tokenizer of a verifier named as SPEC.md says, without loading its weights."""
-    base = name[len(RANDOM_PREFIX) :] if name.startswith(RANDOM_PREFIX) else name
-    return AutoTokenizer.from_pretrained(resolve_verifier(base))
+    """The tokenizer of a named verifier, without loading its weights."""
+    return AutoTokenizer.from_pretrained(resolve_verifier(strip_random(name)[0]))
 
 
 class RemoteVerifier:
     """Scores (prompt, response) pairs with a verifier served over HTTP; see the module docstring.
 
     Args:
-        url: the server's base URL, e.g. ``http://10.0.0.5:8000`` (``http://`` is added when
-            missing, so veRL's ``reward_router_address`` ``host:port`` works as it is).
         tokenizer: the verifier's tokenizer (it must be the served model's).
-        model: vLLM's ``model`` request field; ``None`` takes the first model ``/v1/models`` lists.
-        max_length, reduction, min_tokens, floor, score_eos, prompt_template, chat_template:
-            as in :class:`cme_rewards.CMEScorer`.
-        timeout_s: per-request timeout (seconds).
-        max_retries: tries per request before :class:`RemoteVerifierUnavailable`.
-        backoff_s: first retry delay (seconds), doubled each try, at most 30 s.
+        options: the scorer's options (``max_length``, ``reduction``, ``floor``, ...); ``verifier``
+            names the tokenizer, ``device``/``dtype`` are the server's business.
+        remote: the server's URL, model name, timeout and tries.
     """
 
     backend: str = ""
 
     def __init__(
         self,
-        url: str,
         tokenizer: Tokenizer,
-        *,
-        model: str | None = None,
-        max_length: int = 2048,
-        reduction: str = "mean",
-        min_tokens: int = 1,
-        floor: float = FLOOR_REWARD,
-        score_eos: bool = False,
-        prompt_template: str | None = None,
-        chat_template: str | None = None,
-        timeout_s: float = 300.0,
-        max_retries: int = 5,
-        backoff_s: float = 1.0,
+        options: ScorerOptions | None = None,
+        remote: RemoteOptions | None = None,
     ) -> None:
-        if not url:
+        self.options = options or ScorerOptions()
+        self.remote = remote or RemoteOptions()
+        if not self.remote.url:
             raise RemoteConfigError("url", "a server URL is required")
-        if reduction not in REDUCTIONS:
-            raise RemoteConfigError("reduction", f"must be one of {REDUCTIONS}, got {reduction!r}")
-        if max_length < 2:
-            raise RemoteConfigError("max_length", f"must be at least 2, got {max_length}")
-        if not math.isfinite(floor):
-            raise RemoteConfigError("floor", f"must be a finite number, got {floor}")
-        if max_retries < 1 or timeout_s <= 0:
-            raise RemoteConfigError("max_retries", "max_retries must be >= 1 and timeout_s > 0")
-        self.url = (url if "://" in url else f"http://{url}").rstrip("/")
+        self.verifier_name = self.options.verifier
+        self.url = (
+            self.remote.url if "://" in self.remote.url else f"http://{self.remote.url}"
+        ).rstrip("/")
         self.tokenizer = tokenizer
-        self.model = model
-        self.max_length = max_length
-        self.reduction = reduction
-        self.min_tokens = min_tokens
-        self.floor = float(floor)
-        self.score_eos = score_eos
-        self.prompt_template = prompt_template
-        self.chat_template = chat_template
-        self.timeout_s = float(timeout_s)
-        self.max_retries = int(max_retries)
-        self.backoff_s = float(backoff_s)
+        self.model = self.remote.model
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
 
@@ -133,21 +124,13 @@ class RemoteVerifier:
 
     def encode(self, prompt: Prompt, response: str) -> VerifierInput:
         """The verifier's ids and scored positions for one sample (same as ``CMEScorer.encode``)."""
-        return build_verifier_input(
-            self.tokenizer,
-            prompt,
-            response,
-            max_length=self.max_length,
-            prompt_template=self.prompt_template,
-            chat_template=self.chat_template,
-            score_eos=self.score_eos,
-        )
+        return encode_sample(self.tokenizer, prompt, response, self.options)
 
     async def check(self) -> None:
         """Start-up check: the server answers and serves a generative model.
 
         Raises :class:`RemoteConfigError` naming ``url`` (unreachable, wrong kind of server) or
-        ``model`` (not served). Tries once per ``backoff_s`` for ``max_retries`` tries.
+        ``model`` (not served).
         """
         try:
             await self._check()
@@ -161,22 +144,19 @@ class RemoteVerifier:
             ) from exc
 
     async def score(self, prompt: Prompt, response: str, *, id: str | None = None) -> CMEResult:
-        """CME of one response (nats); floor with ``error`` for a sample that cannot be scored."""
+        """The reward (nats) of one response; floor with ``error`` for a sample that cannot be scored."""
         inp = self.encode(prompt, response)
         if inp.error is not None:
-            return self._floor(inp, inp.error, id)
+            return finish_sample(inp, None, self.options, id=id)
         try:
             logprobs = await self._response_logprobs(inp)
+            unconditional = None
+            if self.options.reduction == "pmi":
+                bare = self.encode(EMPTY_PROMPT, response)
+                unconditional = await self._response_logprobs(bare)
         except _SampleError as exc:
-            return self._floor(inp, str(exc)[:300], id)
-        value, error = reduce_token_logprobs(
-            logprobs, reduction=self.reduction, min_tokens=self.min_tokens, floor=self.floor
-        )
-        if error is not None:
-            logger.warning("sample %s: %s; reward set to the floor %s", id, error, self.floor)
-        return CMEResult(
-            cme=value, n_tokens=inp.n_scored, truncated=inp.truncated, error=error, id=id
-        )
+            return floored(str(exc)[:300], self.options, id=id, truncated=inp.truncated)
+        return finish_sample(inp, logprobs, self.options, id=id, unconditional=unconditional)
 
     async def score_many(
         self,
@@ -214,16 +194,12 @@ class RemoteVerifier:
 
     # -- HTTP ------------------------------------------------------------------------------------
 
-    def _floor(self, inp: VerifierInput, error: str, id: str | None) -> CMEResult:
-        logger.warning("sample %s: %s; reward set to the floor %s", id, error, self.floor)
-        return CMEResult(cme=self.floor, n_tokens=0, truncated=inp.truncated, error=error, id=id)
-
     def _client(self) -> aiohttp.ClientSession:
         """A session on the running event loop (a session cannot move between loops)."""
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._session_loop is not loop:
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout_s)
+                timeout=aiohttp.ClientTimeout(total=self.remote.timeout_s)
             )
             self._session_loop = loop
         return self._session
@@ -231,31 +207,31 @@ class RemoteVerifier:
     async def _request(self, method: str, path: str, payload: dict | None = None) -> Any:
         """JSON answer of ``method {url}{path}``; retries transient trouble (see module docstring)."""
         url = f"{self.url}{path}"
-        last: BaseException | None = None
-        for attempt in range(self.max_retries):
-            try:
-                async with self._client().request(method, url, json=payload) as resp:
-                    if resp.status >= 500:
-                        last = RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:200]}")
-                    elif resp.status >= 400:
-                        raise _SampleError(
-                            f"{self.backend} HTTP {resp.status}: {(await resp.text())[:200]}"
-                        )
-                    else:
-                        return await resp.json(content_type=None)
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
-                last = exc
-            except aiohttp.ContentTypeError as exc:
-                raise _SampleError(f"{self.backend} answer is not JSON: {exc}") from exc
-            if attempt + 1 < self.max_retries:
-                delay = min(self.backoff_s * 2**attempt, 30.0)
-                logger.warning(
-                    "%s %s failed (%s); retry %d in %.1f s", method, url, last, attempt + 1, delay
-                )
-                await asyncio.sleep(delay)
-        raise RemoteVerifierUnavailable(
-            f"{method} {url} failed {self.max_retries} times; last error: {type(last).__name__}: {last}"
-        )
+        try:
+            return await retry_async(
+                lambda: self._attempt(method, url, payload),
+                what=f"{method} {url}",
+                tries=self.remote.max_retries,
+            )
+        except _ServerTrouble as exc:
+            raise RemoteVerifierUnavailable(
+                f"{method} {url} failed {self.remote.max_retries} times; last error: {exc}"
+            ) from exc
+
+    async def _attempt(self, method: str, url: str, payload: dict | None) -> Any:
+        try:
+            async with self._client().request(method, url, json=payload) as resp:
+                if resp.status >= 500:
+                    raise _ServerTrouble(f"HTTP {resp.status}: {(await resp.text())[:200]}")
+                if resp.status >= 400:
+                    raise _SampleError(
+                        f"{self.backend} HTTP {resp.status}: {(await resp.text())[:200]}"
+                    )
+                return await resp.json(content_type=None)
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            raise _ServerTrouble(f"{type(exc).__name__}: {exc}") from exc
+        except aiohttp.ContentTypeError as exc:
+            raise _SampleError(f"{self.backend} answer is not JSON: {exc}") from exc
 
 
 class VLLMVerifier(RemoteVerifier):
@@ -348,10 +324,13 @@ class SGLangVerifier(RemoteVerifier):
 
 
 def make_remote_verifier(
-    backend: str, url: str, tokenizer: Tokenizer, **kwargs: Any
+    backend: str,
+    tokenizer: Tokenizer,
+    options: ScorerOptions | None = None,
+    remote: RemoteOptions | None = None,
 ) -> RemoteVerifier:
     """A :class:`VLLMVerifier` or :class:`SGLangVerifier` (``backend`` is ``"vllm"`` or ``"sglang"``)."""
     classes = {"vllm": VLLMVerifier, "sglang": SGLangVerifier}
     if backend not in classes:
-        raise RemoteConfigError("backend", f"must be one of {BACKENDS}, got {backend!r}")
-    return classes[backend](url, tokenizer, **kwargs)
+        raise RemoteConfigError("backend", f"must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    return classes[backend](tokenizer, options, remote)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections.abc import Hashable, Sequence
 from typing import Any
@@ -13,11 +12,17 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
-from cme_rewards.formatting import Prompt, VerifierInput, build_verifier_input
-from cme_rewards.models import DEFAULT_VERIFIER, load_verifier
-from cme_rewards.ops import IMPLS, linear_token_logprobs, token_logprobs
-from cme_rewards.reductions import REDUCTIONS, grpo_advantages, reduce_token_logprobs
-from cme_rewards.results import FLOOR_REWARD, CMEResult
+from cme_rewards.formatting import EMPTY_PROMPT, Prompt, VerifierInput, encode_sample
+from cme_rewards.models import load_verifier
+from cme_rewards.ops import (
+    check_triton_head,
+    linear_token_logprobs,
+    select_impl,
+    token_logprobs,
+    warm_up_triton_head,
+)
+from cme_rewards.options import ScorerOptions
+from cme_rewards.results import CMEResult, finish_groups, finish_sample
 
 logger = logging.getLogger(__name__)
 
@@ -50,25 +55,16 @@ class CMEScorer:
     """Scores responses by their mean log-likelihood (nats) under a frozen verifier.
 
     Args:
-        verifier: a name as SPEC.md says (built-in, ``.gguf`` path, folder, hub id, ``random:...``);
-            ignored for loading when ``model`` and ``tokenizer`` are given (then it only names them).
-        model, tokenizer: an already-loaded causal LM and its tokenizer.
-        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``, ...
-        dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"float32"``, ``"bfloat16"``, ...
-        max_length: most verifier tokens per sample (prompt cut from the left first).
-        token_budget: most padded tokens per forward micro-batch (default: 2048 on CPU, 16384 on
-            GPU; a longer sample gets a batch of its own).
-        reduction: ``"mean"`` (CME) or ``"sum"`` over scored tokens.
-        min_tokens: responses with fewer scored tokens get ``floor`` (a length guard).
-        floor: reward (nats) of a sample that cannot be scored (its ``error`` says why).
-        score_eos: also score the verifier's EOS / end-of-turn token after the response.
-        prompt_template: force the plain prompt format (a string with ``{prompt}``).
-        chat_template: a Jinja chat template replacing the verifier's own.
-        strip_special_tokens: generator special tokens to remove from responses (see
-            ``formatting.clean_response``; trailing end-of-turn markers are always removed).
-        impl: log-prob op implementation, ``"auto"``, ``"torch"`` or ``"triton"`` (see ``ops``).
-        seed: weight seed of a ``random:`` verifier.
+        verifier: the verifier's name (see :class:`ScorerOptions`); with ``model`` and
+            ``tokenizer`` it only names them.
+        model, tokenizer: an already-loaded causal LM and its tokenizer (``device``, ``dtype``
+            and ``seed`` are then not used: the model stays as it is).
+        options: a :class:`ScorerOptions`; keyword ``overrides`` (its field names: ``dtype``,
+            ``max_length``, ``reduction``, ``floor``, ...) replace its values.
         progress: show a progress bar by default.
+
+    Every option is declared once in :class:`ScorerOptions` (types, units, defaults, checks); a bad
+    one raises :class:`OptionError` naming it before any model loads.
     """
 
     def __init__(
@@ -77,39 +73,21 @@ class CMEScorer:
         *,
         model: PreTrainedModel | None = None,
         tokenizer: Tokenizer | None = None,
-        device: str = "auto",
-        dtype: str = "float32",
-        max_length: int = 2048,
-        token_budget: int | None = None,
-        reduction: str = "mean",
-        min_tokens: int = 1,
-        floor: float = FLOOR_REWARD,
-        score_eos: bool = False,
-        prompt_template: str | None = None,
-        chat_template: str | None = None,
-        strip_special_tokens: Sequence[str] = (),
-        impl: str = "auto",
-        seed: int = 0,
+        options: ScorerOptions | None = None,
         progress: bool = False,
+        **overrides: Any,
     ) -> None:
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction: must be one of {REDUCTIONS}, got {reduction!r}")
-        if impl not in IMPLS:
-            raise ValueError(f"impl: must be one of {IMPLS}, got {impl!r}")
-        if max_length < 2:
-            raise ValueError(f"max_length: must be at least 2, got {max_length}")
-        if (token_budget is not None and token_budget < 1) or min_tokens < 1:
-            raise ValueError("token_budget and min_tokens: must be at least 1")
-        if not math.isfinite(floor):
-            raise ValueError(f"floor: must be a finite number, got {floor}")
-        if prompt_template is not None and "{prompt}" not in prompt_template:
-            raise ValueError("prompt_template: must contain the field {prompt}")
         if (model is None) != (tokenizer is None):
             raise ValueError("model and tokenizer: pass both or neither")
+        if model is None and verifier is not None:
+            overrides["verifier"] = verifier
+        self.options: ScorerOptions = ScorerOptions.from_kwargs(options, **overrides)
+        opts = self.options
         if model is None:
-            self.verifier_name = verifier or DEFAULT_VERIFIER
+            opts.check_here()
+            self.verifier_name = opts.verifier
             model, tokenizer = load_verifier(
-                self.verifier_name, device=device, dtype=dtype, seed=seed
+                opts.verifier, device=opts.device, dtype=opts.dtype, seed=opts.seed
             )
         else:
             self.verifier_name = verifier or getattr(model, "name_or_path", "") or "custom model"
@@ -117,16 +95,7 @@ class CMEScorer:
         self.model: PreTrainedModel = model
         self.tokenizer: Tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        self.token_budget = token_budget or default_token_budget(self.device)
-        self.max_length = max_length
-        self.reduction = reduction
-        self.min_tokens = min_tokens
-        self.floor = float(floor)
-        self.score_eos = score_eos
-        self.prompt_template = prompt_template
-        self.chat_template = chat_template
-        self.strip_special_tokens = tuple(strip_special_tokens)
-        self.impl = impl
+        self.token_budget = opts.token_budget or default_token_budget(self.device)
         self.progress = progress
         self._pad_id = next(
             i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None
@@ -138,19 +107,11 @@ class CMEScorer:
         self._logit_scale, self._softcap = head_transform_from_config(model.config)
         self._lock = threading.Lock()
         self._fused_head = self._fused_head_matches_model()
+        self.impl = self._checked_impl()
 
     def encode(self, prompt: Prompt, response: str) -> VerifierInput:
         """The verifier's ids and scored positions for one sample (no forward pass)."""
-        return build_verifier_input(
-            self.tokenizer,
-            prompt,
-            response,
-            max_length=self.max_length,
-            prompt_template=self.prompt_template,
-            chat_template=self.chat_template,
-            score_eos=self.score_eos,
-            strip_special_tokens=self.strip_special_tokens,
-        )
+        return encode_sample(self.tokenizer, prompt, response, self.options)
 
     def score(
         self,
@@ -162,11 +123,12 @@ class CMEScorer:
         return_token_logprobs: bool = False,
         progress: bool | None = None,
     ) -> list[CMEResult]:
-        """CME of each ``responses[i]`` given ``prompts[i]``, in input order.
+        """The reward (nats) of each ``responses[i]`` given ``prompts[i]``, in input order.
 
-        ``groups[i]`` (e.g. the prompt id of each of G samples) adds GRPO advantages. Samples that
-        cannot be scored get ``floor`` with ``error`` set and a logged warning naming their id. A
-        sample's value does not depend on the rest of the batch. Thread-safe.
+        ``groups[i]`` (e.g. the prompt id of each of G samples) adds GRPO advantages and the
+        group-relative floor. Samples that cannot be scored get the floor with ``error`` set and a
+        logged warning naming their id. A sample's value does not depend on the rest of the
+        batch. Thread-safe.
         """
         n = len(prompts)
         for name, seq in (("responses", responses), ("ids", ids), ("groups", groups)):
@@ -176,46 +138,39 @@ class CMEScorer:
             if not isinstance(response, str):
                 raise TypeError(f"responses[{i}]: expected a string, got {type(response).__name__}")
         inputs = [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
-        token_lps: list[torch.Tensor | None] = [None] * n
+        pmi = self.options.reduction == "pmi"
+        bare = (
+            [
+                self.encode(EMPTY_PROMPT, r) if x.error is None else x
+                for x, r in zip(inputs, responses, strict=True)
+            ]
+            if pmi
+            else []
+        )
+        everything = inputs + bare
+        token_lps: list[torch.Tensor | None] = [None] * len(everything)
         with self._lock, torch.inference_mode():
             show = self.progress if progress is None else progress
             bar = tqdm(total=n, desc="CME scoring", unit="sample", disable=not show)
-            for batch in self._micro_batches(inputs):
-                for i, lp in zip(batch, self._forward([inputs[i] for i in batch]), strict=True):
+            for batch in self._micro_batches(everything):
+                for i, lp in zip(batch, self._forward([everything[i] for i in batch]), strict=True):
                     token_lps[i] = lp
-                bar.update(len(batch))
+                bar.update(sum(i < n for i in batch))
             bar.update(n - bar.n)
             bar.close()
-        results = []
-        for i, (inp, lp) in enumerate(zip(inputs, token_lps, strict=True)):
-            sample_id = None if ids is None else str(ids[i])
-            if inp.error is None and lp is not None:
-                value, error = reduce_token_logprobs(
-                    lp, reduction=self.reduction, min_tokens=self.min_tokens, floor=self.floor
-                )
-            else:
-                value, error = self.floor, inp.error
-            if error is not None:
-                logger.warning(
-                    "sample %s: %s; reward set to the floor %s", sample_id or i, error, self.floor
-                )
-            results.append(
-                CMEResult(
-                    cme=value,
-                    n_tokens=inp.n_scored if inp.error is None else 0,
-                    truncated=inp.truncated,
-                    error=error,
-                    id=sample_id,
-                    token_logprobs=lp.tolist()
-                    if return_token_logprobs and lp is not None
-                    else None,
-                )
+        results = [
+            finish_sample(
+                inp,
+                token_lps[i],
+                self.options,
+                id=str(ids[i]) if ids is not None else None,
+                unconditional=token_lps[n + i] if pmi else None,
+                keep_token_logprobs=return_token_logprobs,
             )
+            for i, inp in enumerate(inputs)
+        ]
         if groups is not None:
-            for result, adv in zip(
-                results, grpo_advantages([r.cme for r in results], groups), strict=True
-            ):
-                result.advantage = adv
+            finish_groups(results, groups, self.options)
         return results
 
     def _micro_batches(self, inputs: list[VerifierInput]) -> list[list[int]]:
@@ -271,6 +226,39 @@ class CMEScorer:
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             flat = token_logprobs(logits[rows_t, cols_t], targets, impl=self.impl)
         return list(flat.split([x.n_scored for x in batch]))
+
+    def _checked_impl(self) -> str:
+        """The log-prob implementation to use: Triton only after it agrees with float64 here.
+
+        Where ``impl`` resolves to Triton (CUDA), the Triton head runs on a probe batch on this
+        device against a float64 reference (tolerances in ``cme_rewards.ops.default_tolerance``)
+        and is warmed up (autotuned) for the token budget; on any disagreement or failure the
+        scorer falls back to the PyTorch path with a warning naming the difference.
+        """
+        impl = select_impl(self.options.impl, self.device)
+        if impl != "triton" or not self._fused_head:
+            return impl
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        hidden_size = self._head_weight.shape[1]
+        probe = torch.randn(64, hidden_size, generator=generator).to(
+            self.device, self._head_weight.dtype
+        )
+        targets = torch.randint(0, self._head_weight.shape[0], (64,), generator=generator).to(
+            self.device
+        )
+        head = {"bias": self._head_bias, "logit_scale": self._logit_scale, "softcap": self._softcap}
+        result = check_triton_head(probe, self._head_weight, targets, **head)
+        if result.ok and self.device.type == "cuda":  # autotune now, not on the first call
+            result = warm_up_triton_head(self._head_weight, max_rows=self.token_budget, **head)
+        if result.ok:
+            return impl
+        logger.warning(
+            "verifier %r: the Triton head disagrees with float64 on %s (%s); using impl='torch'",
+            self.verifier_name,
+            self.device,
+            result.describe(),
+        )
+        return "torch"
 
     def _fused_head_matches_model(self) -> bool:
         """Check once that body + output head + config transform reproduce the model's own logits.

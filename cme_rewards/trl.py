@@ -24,7 +24,7 @@ messages before it (tool calls and results) are appended to the prompt as contex
 from __future__ import annotations
 
 import asyncio
-import inspect
+import json
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -32,14 +32,12 @@ from typing import Any
 
 import torch
 
-from .models import DEFAULT_VERIFIER
+from .options import ScorerOptions
 from .results import CMEResult
 from .scorer import CMEScorer
 
 Prompt = str | list[dict[str, Any]]
 Completion = str | list[dict[str, Any]]
-
-_SCORER_OPTIONS = frozenset(inspect.signature(CMEScorer.__init__).parameters) - {"self", "verifier"}
 
 
 def _message_text(content: Any) -> str:
@@ -100,7 +98,7 @@ class _CMERewardBase:
         **scorer_options: Any,
     ) -> None:
         """Args:
-        verifier: verifier name (SPEC.md: built-in name, ``.gguf`` or folder path, hub id,
+        verifier: verifier name (built-in name, ``.gguf`` or folder path, hub id,
             ``random:<...>``); default SmolLM2-135M-Instruct; ignored when ``scorer`` is given.
         scorer: an existing ``CMEScorer`` to share (for example between a sync and an async
             reward, or with evaluation code); no other scorer is built.
@@ -108,22 +106,22 @@ class _CMERewardBase:
             and the prefix of the columns and metrics logged here.
         lazy: build the scorer (load the verifier) on the first call instead of now. Default
             ``False``: a bad verifier or option fails at start-up. Options are checked now either way.
-        **scorer_options: keyword arguments of ``CMEScorer`` (``device``, ``dtype``,
-            ``max_length``, ``reduction``, ``floor``, ...). ``device="auto"`` (the scorer's
-            default) picks ``cuda:$LOCAL_RANK`` under a multi-process launch.
+        **scorer_options: fields of :class:`cme_rewards.options.ScorerOptions` (``device``,
+            ``dtype``, ``max_length``, ``reduction``, ``floor``, ...); a bad one raises
+            :class:`cme_rewards.options.OptionError` naming it. ``device="auto"`` (the default)
+            picks ``cuda:$LOCAL_RANK`` under a multi-process launch.
         """
-        unknown = sorted(set(scorer_options) - _SCORER_OPTIONS)
-        if unknown:
-            raise TypeError(
-                f"unknown CMEScorer option(s) {unknown}; known options: {sorted(_SCORER_OPTIONS)}"
-            )
-        if scorer is not None and scorer_options:
-            raise TypeError("pass either scorer= or CMEScorer options, not both")
+        if scorer is not None and (scorer_options or verifier):
+            raise TypeError("pass either scorer= or a verifier and its options, not both")
+        if verifier is not None:
+            scorer_options["verifier"] = verifier
         self.__name__ = name
-        self.verifier = scorer.verifier_name if scorer is not None else verifier or DEFAULT_VERIFIER
-        self._options = {**scorer_options}
-        self._options["device"] = _resolve_device(self._options.get("device", "auto"))
         self._scorer = scorer
+        self.options = (
+            scorer.options if scorer is not None else ScorerOptions.from_kwargs(**scorer_options)
+        )
+        self.options = self.options.replace(device=_resolve_device(self.options.device))
+        self.verifier = scorer.verifier_name if scorer is not None else self.options.verifier
         self._build_lock = threading.Lock()
         self.last_results: list[CMEResult] = []
         """Results of the latest call, in completion order (for inspection and tests)."""
@@ -138,7 +136,7 @@ class _CMERewardBase:
     def _get_scorer(self) -> CMEScorer:
         with self._build_lock:
             if self._scorer is None:
-                self._scorer = CMEScorer(self.verifier, **self._options)
+                self._scorer = CMEScorer(options=self.options)
             return self._scorer
 
     def _score(
@@ -154,6 +152,7 @@ class _CMERewardBase:
             [p for p, _ in pairs],
             [r for _, r in pairs],
             ids=None if ids is None else [str(i) for i in ids],
+            groups=[json.dumps(p, sort_keys=True, default=str) for p in prompts],
         )
 
     def _finish(

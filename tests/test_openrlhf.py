@@ -22,7 +22,7 @@ from cme_rewards.batching import BatchLimits
 from cme_rewards.openrlhf import runtime
 from cme_rewards.openrlhf.cli import reward_file_path
 from cme_rewards.openrlhf.protocol import PromptRecovery
-from cme_rewards.server import ServerConfig, create_app
+from cme_rewards.server import ServerConfig, ServerOptions, create_app
 from cme_rewards.server.background import BackgroundServer
 
 pytestmark = pytest.mark.slow
@@ -101,7 +101,7 @@ def test_openrlhf_client_against_server(smollm_scorer, expected):
     app = create_app(
         smollm_scorer,
         PromptRecovery(tok),
-        ServerConfig(token="t0k", limits=BatchLimits(max_wait_ms=30)),
+        ServerConfig(limits=BatchLimits(max_wait_ms=30), server=ServerOptions(token="t0k")),
     )
     with BackgroundServer(app) as srv:
         executor = agent.SingleTurnAgentExecutor(f"{srv.url}/get_reward?token=t0k")
@@ -132,7 +132,7 @@ def test_openrlhf_client_against_reward_func_file(smollm_scorer, expected, monke
     assert rt._batched is None  # nothing loaded until the first call
     with_labels = run_rollouts(executor, tok, use_labels=True)
     stripped = run_rollouts(executor, tok, use_labels=False)
-    assert runtime.get_runtime() is rt and rt.config.limits.max_wait_ms == 30
+    assert runtime.get_runtime() is rt and rt.config.batch.max_wait_ms == 30
     assert with_labels == pytest.approx(expected, abs=1e-4)
     assert stripped == pytest.approx(expected, abs=1e-4)
     batcher = rt._batched.batcher

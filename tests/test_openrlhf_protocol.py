@@ -123,25 +123,34 @@ def test_replies_are_numeric_where_openrlhf_makes_tensors():
 
 def test_file_mode_config_names_bad_variables():
     cfg = FileModeConfig.from_env({"CME_REWARDS_MAX_WAIT_MS": "3", "CME_REWARDS_DEVICE": "cpu"})
-    assert cfg.limits.max_wait_ms == 3.0 and cfg.device == "cpu"
+    assert cfg.batch.max_wait_ms == 3.0 and cfg.scorer.device == "cpu"
     bad = {
-        "CME_REWARDS_MAX_BATCH_SIZE": "many",
-        "CME_REWARDS_GPU_MEMORY_FRACTION": "1.5",
-        "CME_REWARDS_PROMPT_SOURCE": "x",
-        "CME_REWARDS_MAX_BATCH_TOKENS": "0",
+        "CME_REWARDS_MAX_BATCH_SIZE": "expected an integer, got 'many'",
+        "CME_REWARDS_GPU_MEMORY_FRACTION": "must be in",
+        "CME_REWARDS_PROMPT_SOURCE": "must be one of",
+        "CME_REWARDS_MAX_BATCH_TOKENS": "must be at least 1",
+        "CME_REWARDS_VERIFIER": "unknown verifier",
+        "CME_REWARDS_DEVICE": "not a device",
+        "CME_REWARDS_DTYPE": "must be one of",
     }
-    for name, value in bad.items():
-        with pytest.raises(ValueError, match=name):
-            FileModeConfig.from_env({name: value})
+    values = {"CME_REWARDS_MAX_BATCH_SIZE": "many", "CME_REWARDS_GPU_MEMORY_FRACTION": "1.5",
+              "CME_REWARDS_PROMPT_SOURCE": "x", "CME_REWARDS_MAX_BATCH_TOKENS": "0",
+              "CME_REWARDS_VERIFIER": "no-such", "CME_REWARDS_DEVICE": "bogus",
+              "CME_REWARDS_DTYPE": "float8"}  # fmt: skip
+    for name, reason in bad.items():
+        with pytest.raises(ValueError, match=f"^{name}: {reason}"):
+            FileModeConfig.from_env({name: values[name]})
 
 
 def test_reward_file_command_prints_the_module(capsys, monkeypatch):
     assert reward_file_main([]) == 0
     path = Path(capsys.readouterr().out.strip())
     assert path.name == "reward_func.py" and "def reward_func(queries" in path.read_text()
-    monkeypatch.setenv("CME_REWARDS_RETRIES", "0")
+    monkeypatch.setenv("CME_REWARDS_MAX_RETRIES", "abc")
     assert reward_file_main(["--check"]) == 2
-    assert "CME_REWARDS_RETRIES" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "CME_REWARDS_MAX_RETRIES: expected an integer, got 'abc'" in err
+    assert "CME_REWARDS_CME_REWARDS" not in err
 
 
 def installed_train_ppo_flags() -> set[str]:

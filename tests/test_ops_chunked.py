@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cme_rewards.ops import linear_token_logprobs, select_impl, token_logprobs
+from cme_rewards.ops import (
+    apply_head_transform,
+    linear_token_logprobs,
+    select_impl,
+    token_logprobs,
+)
 from cme_rewards.ops.chunked import chunked_linear_token_logprobs, chunked_token_logprobs
 from cme_rewards.ops.reference import reference_linear_token_logprobs, reference_token_logprobs
 
@@ -73,6 +78,39 @@ def test_chunked_linear_never_holds_full_logits(monkeypatch):
         hidden, weight, torch.zeros(64, dtype=torch.long), chunk_elements=4096
     )
     assert sizes and max(sizes) <= 4096 < 64 * 1000
+
+
+def test_mask_skips_rows_and_bad_targets_give_nan():
+    torch.manual_seed(3)
+    logits, targets = torch.randn(6, 40), torch.randint(0, 40, (6,))
+    keep = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    poisoned = logits.clone()
+    poisoned[~keep] = float("nan")  # masked rows are never read
+    got = chunked_token_logprobs(poisoned, targets, mask=keep, chunk_elements=16)
+    want = torch.where(keep, reference_token_logprobs(logits, targets), torch.zeros(6).double())
+    torch.testing.assert_close(got.double(), want)
+    torch.testing.assert_close(token_logprobs(poisoned, targets, mask=keep, impl="torch"), got)
+    bad = targets.clone()
+    bad[0], bad[2] = 40, -1
+    out = chunked_token_logprobs(logits, bad)
+    assert torch.isnan(out[[0, 2]]).all() and torch.isfinite(out[[1, 3, 4, 5]]).all()
+    assert torch.isnan(reference_token_logprobs(logits, bad)[[0, 2]]).all()
+    hidden, weight = torch.randn(3, 8), torch.randn(20, 8)
+    lin = chunked_linear_token_logprobs(hidden, weight, torch.tensor([0, 20, 5]))
+    assert torch.isnan(lin[1]) and torch.isfinite(lin[[0, 2]]).all()
+
+
+def test_blocked_float64_reference_matches_whole_logits(monkeypatch):
+    from cme_rewards.ops import reference
+
+    torch.manual_seed(4)
+    hidden, weight, bias = torch.randn(5, 16), torch.randn(333, 16), torch.randn(333)
+    targets = torch.randint(0, 333, (5,))
+    logits = apply_head_transform((hidden.double() @ weight.double().T + bias), softcap=2.0)
+    want = reference_token_logprobs(logits, targets)
+    monkeypatch.setattr(reference, "_BLOCK_ELEMENTS", 16 * 50)  # blocks of 50 vocabulary rows
+    got = reference_linear_token_logprobs(hidden, weight, targets, bias=bias, softcap=2.0)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
 def test_dispatch():

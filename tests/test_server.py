@@ -14,7 +14,7 @@ import pytest
 from cme_rewards.batching import BatchLimits
 from cme_rewards.openrlhf.protocol import PromptRecovery
 from cme_rewards.results import FLOOR_REWARD
-from cme_rewards.server import ServerConfig, create_app
+from cme_rewards.server import ServerConfig, ServerOptions, create_app
 from cme_rewards.server.background import BackgroundServer
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,10 @@ def samples(smollm_scorer):
 @pytest.fixture(scope="module")
 def server(smollm_scorer):
     recovery = PromptRecovery(smollm_scorer.tokenizer)  # the policy is SmolLM2 too
-    config = ServerConfig(limits=BatchLimits(max_wait_ms=30), token=TOKEN, max_body_bytes=64 * 1024)
+    config = ServerConfig(
+        limits=BatchLimits(max_wait_ms=30),
+        server=ServerOptions(token=TOKEN, max_body_bytes=64 * 1024, max_samples=64),
+    )
     with BackgroundServer(create_app(smollm_scorer, recovery, config)) as srv:
         yield srv
 
@@ -250,6 +253,7 @@ class FaultyScorer:
 
     def __init__(self, scorer):
         self.scorer, self.verifier_name, self.device = scorer, scorer.verifier_name, scorer.device
+        self.options = scorer.options
 
     def encode(self, prompt, response):
         return self.scorer.encode(prompt, response)
@@ -299,7 +303,9 @@ def test_overload_and_timeout_answer_503(smollm_scorer, samples):
     tok = smollm_scorer.tokenizer
     instr, resp, cme = samples[5]
     payload = openrlhf_payload(tok, instr, resp, instr)
-    overload = ServerConfig(limits=BatchLimits(max_wait_ms=4000, max_queue=1))
+    overload = ServerConfig(
+        limits=BatchLimits(max_wait_ms=4000, max_queue=1), server=ServerOptions(max_samples=1)
+    )
     with BackgroundServer(create_app(smollm_scorer, PromptRecovery(tok), overload)) as srv:
 
         async def run():
@@ -317,10 +323,12 @@ def test_overload_and_timeout_answer_503(smollm_scorer, samples):
         )
         assert second.status_code == 503 and second.headers["retry-after"] == "1"
         assert httpx.get(srv.url + "/metrics").json()["errors"]["overloaded"] == 1
-    slow = ServerConfig(limits=BatchLimits(max_wait_ms=1500), request_timeout_s=0.2)
+    slow = ServerConfig(
+        limits=BatchLimits(max_wait_ms=1500), server=ServerOptions(request_timeout=0.2)
+    )
     with BackgroundServer(create_app(smollm_scorer, PromptRecovery(tok), slow)) as srv:
         r = httpx.post(srv.url + "/get_reward", json=payload, timeout=30)
-        assert r.status_code == 503 and "not scored within" in r.json()["detail"]
+        assert r.status_code == 503 and "not scored within request_timeout" in r.json()["detail"]
         snap = asyncio.run(
             wait_for_queue(httpx.AsyncClient(), srv, 0)
         )  # withdrawn: skipped, not scored

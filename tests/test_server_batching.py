@@ -9,17 +9,18 @@ import time
 import pytest
 from conftest import tiny_llama
 
+from cme_rewards.batched_scorer import BatchedScorer, Sample
 from cme_rewards.batching import (
-    BatchedScorer,
     BatcherClosed,
     BatchLimits,
     BatchStats,
     MicroBatcher,
     Overloaded,
-    Sample,
-    is_transient,
+    TooManyItems,
 )
+from cme_rewards.options import OptionError
 from cme_rewards.results import FLOOR_REWARD
+from cme_rewards.retry import is_transient
 
 
 class Recorder:
@@ -82,11 +83,9 @@ def test_batch_size_one_turns_batching_off():
 
 def test_padded_token_limit_and_oversized_item_alone():
     rec = Recorder()
-    b = MicroBatcher(
-        rec, BatchLimits(max_batch_tokens=100, max_batch_size=64, max_wait_ms=200), cost=lambda x: x
-    )
+    b = MicroBatcher(rec, BatchLimits(max_batch_tokens=100, max_batch_size=64, max_wait_ms=200))
     # costs 30 each: at most 3 per batch (3 x 30 = 90 <= 100); 250 exceeds the bound and runs alone.
-    futures = [b.submit(30) for _ in range(7)] + [b.submit(250)]
+    futures = [b.submit(30, cost=30) for _ in range(7)] + [b.submit(250, cost=250)]
     assert [f.result(10) for f in futures] == [900] * 7 + [62500]
     b.close()
     for batch in rec.batches:
@@ -144,30 +143,74 @@ def test_asyncio_callers_share_batches():
     b = MicroBatcher(rec, BatchLimits(max_batch_size=64, max_wait_ms=30))
 
     async def main():
-        return await asyncio.gather(*(b.submit_async(x) for x in range(40)))
+        return await asyncio.gather(*(asyncio.wrap_future(b.submit(x)) for x in range(40)))
 
     assert asyncio.run(main()) == [x * x for x in range(40)]
     assert len(rec.batches) < 40
     b.close()
 
 
-def test_cost_error_reaches_only_its_future():
-    b = MicroBatcher(Recorder(), BatchLimits(max_wait_ms=0), cost=lambda x: 1 // (x - 3))
-    bad, good = b.submit(3), b.submit(4)
-    with pytest.raises(ZeroDivisionError):
-        bad.result(10)
-    assert good.result(10) == 16
+def test_submissions_enter_whole_or_not_at_all_and_withdraw():
+    """A rejected or abandoned submission leaves nothing behind in the queue (issue: a queue
+    that stayed "full" after a 20-sample request was refused with max_queue 16)."""
+    gate = threading.Event()
+    rec = Recorder()
+
+    def gated(items):
+        gate.wait(10)
+        return rec(items)
+
+    b = MicroBatcher(gated, BatchLimits(max_batch_size=4, max_queue=16, max_wait_ms=0))
+    with pytest.raises(TooManyItems, match="max_queue=16"):
+        b.submit_many(list(range(20)), [1] * 20)
+    assert not is_transient(TooManyItems("x"))  # permanent: retrying cannot help
+    running = b.submit(100)
+    while not b.busy:
+        time.sleep(0.005)
+    held = b.submit_many(list(range(12)), [1] * 12)
+    with pytest.raises(Overloaded):
+        b.submit_many(list(range(5)), [1] * 5)  # 12 + 5 > 16: none of the five enter
+    assert b.queue_depth == 12
+    assert b.withdraw(held) == 12 and b.queue_depth == 0
+    assert all(f.cancelled() for f in held)
+    later = b.submit_many(list(range(16)), [1] * 16)  # the whole queue is free again
+    gate.set()
+    assert running.result(10) == 10000 and [f.result(10) for f in later] == [
+        x * x for x in range(16)
+    ]
     b.close()
+    computed = [x for batch in rec.batches for x in batch]
+    assert sorted(computed) == sorted([100, *range(16)])  # the withdrawn twelve never ran
+
+
+def test_batch_limits_are_checked_options():
+    with pytest.raises(OptionError, match="max_queue: must be at least 1"):
+        BatchLimits(max_queue=0)
+    with pytest.raises(OptionError, match="max_wait_ms: expected a number"):
+        BatchLimits(max_wait_ms="soon")
 
 
 def test_batched_scorer_floors_a_sample_that_fails_alone(tiny_scorer):
-    """A real CMEScorer (tiny random model): a malformed chat prompt fails alone with the floor."""
-    bs = BatchedScorer(tiny_scorer, BatchLimits(max_wait_ms=50))
+    """A real CMEScorer (tiny random model): a sample whose batch fails alone gets the floor."""
+
+    class Faulty:
+        def __init__(self, scorer):
+            self.options, self.verifier_name, self.scorer = scorer.options, "faulty", scorer
+
+        def encode(self, prompt, response):
+            return self.scorer.encode(prompt, response)
+
+        def score(self, prompts, responses, **kw):
+            if "POISON" in responses:
+                raise RuntimeError("injected fault")
+            return self.scorer.score(prompts, responses, **kw)
+
+    bs = BatchedScorer(Faulty(tiny_scorer), BatchLimits(max_wait_ms=50))
     good = [Sample("Say hi.", "Hello there!", id="ok1"), Sample("2+2?", "4", id="ok2")]
-    bad = Sample([{"role": "user"}], "no content key", id="bad")
+    bad = Sample("Hi", "POISON", id="bad")
     results = bs.score_many([good[0], bad, good[1]])
     expected = tiny_scorer.score([g.prompt for g in good], [g.response for g in good])
-    assert results[1].cme == FLOOR_REWARD and "verifier error" in results[1].error
+    assert results[1].cme == FLOOR_REWARD and "injected fault" in results[1].error
     for got, want in zip([results[0], results[2]], expected, strict=True):
         assert got.error is None and got.cme == pytest.approx(want.cme, abs=1e-5)
     bs.close()

@@ -28,6 +28,7 @@ from trl.trainer import utils as trl_utils
 from cme_rewards import FLOOR_REWARD, CMEScorer
 from cme_rewards.io import InputError
 from cme_rewards.models import cached_model_dir
+from cme_rewards.options import OptionError
 from cme_rewards.trl import AsyncCMEReward, CMEReward, LengthPenalty, to_verifier_pair
 
 PROMPTS = ["Name a primary colour.", "What is two plus two?"]
@@ -178,25 +179,27 @@ def test_async_reward_is_awaited_and_equals_sync(scorer):
 
 
 def test_lazy_construction_and_option_checks(monkeypatch, tokenizer):
-    with pytest.raises(TypeError, match="max_lenght"):
+    with pytest.raises(OptionError, match="^max_lenght: unknown option"):
         CMEReward(lazy=True, max_lenght=10)
-    with pytest.raises(ValueError, match="unknown verifier"):
-        CMEReward("no-such-verifier")  # eager: fails at start-up
+    with pytest.raises(OptionError, match="^verifier: unknown verifier"):
+        CMEReward("no-such-verifier", lazy=True)  # checked at construction, even when lazy
+    with pytest.raises(OptionError, match="^max_length: must be at least 2"):
+        CMEReward(lazy=True, max_length=1)
     built = []
     monkeypatch.setattr(
         "cme_rewards.trl.CMEScorer",
-        lambda verifier, **kw: (
-            built.append((verifier, kw))
+        lambda options: (
+            built.append(options)
             or CMEScorer(
-                verifier, model=tiny_llama(len(tokenizer), seed=2), tokenizer=tokenizer, **kw
+                model=tiny_llama(len(tokenizer), seed=2), tokenizer=tokenizer, options=options
             )
         ),
     )
-    reward = CMEReward("some-verifier", lazy=True, device="cpu", max_length=64)
+    reward = CMEReward("gemma3-270m", lazy=True, device="cpu", max_length=64)
     assert built == [] and "not loaded" in repr(reward)
     reward(prompts=PROMPTS, completions=COMPLETIONS)
     reward(prompts=PROMPTS, completions=COMPLETIONS)
-    assert built == [("some-verifier", {"device": "cpu", "max_length": 64})]
+    assert [(o.verifier, o.device, o.max_length) for o in built] == [("gemma3-270m", "cpu", 64)]
     # the module-level reward that `trl grpo --reward_funcs cme_rewards.trl.cme` imports
     default = importlib.import_module("cme_rewards.trl").cme
     assert trl_utils.get_callable_name(default) == "cme" and "not loaded" in repr(default)
@@ -260,7 +263,7 @@ def test_script_defaults_are_the_papers(tmp_path):
     )
     assert (config.num_generations, config.temperature, config.learning_rate) == (8, 1.0, 3e-6)
     assert config.max_completion_length == 2048 and config.beta is None
-    assert args.verifier == "smollm2-135m-instruct"
+    assert args.verifier is None and script.scorer_options(args).verifier == "smollm2-135m-instruct"
 
     class Tok:
         chat_template = None
@@ -345,7 +348,8 @@ def test_grpo_two_steps_smollm2_policy_gemma_verifier(tmp_path):
         [
             "--policy", "smollm2-135m-instruct",
             "--verifier", "gemma3-270m",
-            "--verifier_device", "cpu",
+            "--cme_device", "cpu",
+            "--cme_dtype", "float32",
             "--prompts", str(prompts),
             "--output_dir", str(out),
             "--use_cpu", "true",
@@ -369,10 +373,15 @@ def test_grpo_two_steps_smollm2_policy_gemma_verifier(tmp_path):
     tables = [pd.read_parquet(p) for p in sorted((out / "completions").glob("*.parquet"))]
     assert len(tables) == 2 and all(len(t) == 4 for t in tables)
     prompts_seen = [[dict(m) for m in p] for t in tables for p in t["prompt"]]
-    responses = [c[0]["content"] for t in tables for c in t["completion"]]
     assert {m[0]["content"] for m in prompts_seen} <= set(REAL_PROMPTS)
 
-    fresh = CMEScorer("gemma3-270m", device="cpu").score(prompts_seen, responses)
+    verifier = CMEScorer("gemma3-270m", device="cpu", dtype="float32")
+    fresh = []
+    for t in tables:  # each step's batch is one reward call; a failed sample's group is its prompt
+        step_prompts = [[dict(m) for m in p] for p in t["prompt"]]
+        step_responses = [c[0]["content"] for c in t["completion"]]
+        groups = [json.dumps(p, sort_keys=True) for p in step_prompts]
+        fresh += verifier.score(step_prompts, step_responses, groups=groups)
     logged = pd.concat(tables)
     assert logged["cme"].tolist() == pytest.approx([r.cme for r in fresh], abs=1e-4)
     assert logged["cme/n_tokens"].tolist() == [r.n_tokens for r in fresh]

@@ -54,7 +54,8 @@ def test_reward_loop_scores_with_cme(ray_session, smollm_scorer):
         "reward.num_workers=2",
         f"+reward.cme.verifier={VERIFIER}",
         "+reward.cme.device=cpu",
-        "+reward.cme.batch_wait_ms=1000",  # lets both workers' calls meet in one batch
+        "+reward.cme.dtype=float32",
+        "+reward.cme.max_wait_ms=1000",  # lets both workers' calls meet in one batch
     )
     manager = RewardLoopManager(config)
     data, messages, texts = make_batch(smollm_scorer.tokenizer)
@@ -97,6 +98,6 @@ def test_bad_setting_names_the_key(ray_session, smollm_scorer):
     manager = RewardLoopManager(config)
     data, _, _ = make_batch(smollm_scorer.tokenizer)
     with pytest.raises(
-        ray.exceptions.RayActorError, match=r"reward\.cme\.max_lenght: unknown setting"
+        ray.exceptions.RayActorError, match=r"reward\.cme\.max_lenght: unknown option"
     ):
         manager.compute_rm_score(data[:1])

@@ -31,14 +31,9 @@ def test_command_line_overrides_reach_the_settings():
     with initialize_config_dir(config_dir=VERL_CONFIG_DIR, version_base=None):
         config = compose(config_name="ppo_trainer", overrides=overrides)
     s = CMESettings.from_verl_config(config)
-    assert (s.verifier, s.num_gpus, s.max_length, s.floor, s.reduction) == (
-        "smollm2-135m-instruct",
-        0.25,
-        1024,
-        -20.0,
-        "sum",
-    )
-    assert s.backend == "local" and s.token_budget == 16384  # defaults for the rest
+    got = (s.scorer.verifier, s.verl.num_gpus, s.scorer.max_length, s.scorer.floor)
+    assert got == ("smollm2-135m-instruct", 0.25, 1024, -20.0) and s.scorer.reduction == "sum"
+    assert s.verl.backend == "local" and s.scorer.token_budget is None  # defaults for the rest
     assert resolve_reward_manager_cls(config) is CMERewardManager  # veRL's own lookup by name
 
 
@@ -46,32 +41,37 @@ def test_integration_yaml_composes_over_ppo_trainer():
     with initialize_config_dir(config_dir=str(INTEGRATION_DIR / "config"), version_base=None):
         config = compose(config_name="cme_grpo", overrides=["reward.cme.max_length=4096"])
     s = CMESettings.from_verl_config(config)
-    assert s.verifier == "google/gemma-3-1b-it" and s.max_length == 4096 and s.dtype == "bfloat16"
+    assert s.scorer.verifier == "google/gemma-3-1b-it" and s.scorer.max_length == 4096
+    assert s.scorer.dtype == "bfloat16"
     assert config.actor_rollout_ref.rollout.n == 8 and config.algorithm.adv_estimator == "grpo"
     assert config.actor_rollout_ref.actor.optim.lr == pytest.approx(3e-6)
     assert resolve_reward_manager_cls(config) is CMERewardManager
     assert "critic" in config  # the rest of veRL's ppo_trainer config is there
 
 
+V = "smollm2-135m-instruct"
+
+
 @pytest.mark.parametrize(
     ("block", "message"),
     [
-        ({}, r"reward\.cme\.verifier: is required"),
+        ({"verifier": "no-such-verifier"}, r"reward\.cme\.verifier: unknown verifier 'no-such"),
+        ({"verifier": "random:"}, r"reward\.cme\.verifier: random: needs a verifier name"),
         (
-            {"verifier": "v", "max_lenght": 10},
-            r"reward\.cme\.max_lenght: unknown setting; known settings: verifier,",
+            {"verifier": V, "max_lenght": 10},
+            r"reward\.cme\.max_lenght: unknown option; known options: verifier,",
         ),
         (
-            {"verifier": "v", "max_length": "long"},
-            r"reward\.cme\.max_length: expected int, got 'long'",
+            {"verifier": V, "max_length": "long"},
+            r"reward\.cme\.max_length: expected an integer, got 'long'",
         ),
-        ({"verifier": "v", "max_length": 1}, r"reward\.cme\.max_length: must be at least 2"),
-        ({"verifier": "v", "num_gpus": True}, r"reward\.cme\.num_gpus: expected float"),
-        ({"verifier": "v", "backend": "tgi"}, r"reward\.cme\.backend: must be one of"),
-        ({"verifier": "v", "reduction": "median"}, r"reward\.cme\.reduction: must be one of"),
-        ({"verifier": "v", "floor": math.nan}, r"reward\.cme\.floor: must be a finite number"),
-        ({"verifier": None}, r"reward\.cme\.verifier: is required"),
-        ({"verifier": "v", "dtype": None}, r"reward\.cme\.dtype: must not be null"),
+        ({"verifier": V, "max_length": 1}, r"reward\.cme\.max_length: must be at least 2"),
+        ({"verifier": V, "num_gpus": True}, r"reward\.cme\.num_gpus: expected a number"),
+        ({"verifier": V, "backend": "tgi"}, r"reward\.cme\.backend: must be one of"),
+        ({"verifier": V, "reduction": "median"}, r"reward\.cme\.reduction: must be one of"),
+        ({"verifier": V, "floor": math.nan}, r"reward\.cme\.floor: must be a finite number"),
+        ({"verifier": V, "device": "gpu0"}, r"reward\.cme\.device: not a device: 'gpu0'"),
+        ({"verifier": V, "max_wait_ms": -1}, r"reward\.cme\.max_wait_ms: must be at least 0"),
     ],
 )
 def test_bad_settings_name_the_key(block, message):
@@ -79,11 +79,12 @@ def test_bad_settings_name_the_key(block, message):
         CMESettings.from_verl_config(OmegaConf.create({"reward": {"cme": block}}))
 
 
-def test_missing_block_names_the_verifier_key():
+def test_missing_block_takes_the_defaults():
     with initialize_config_dir(config_dir=VERL_CONFIG_DIR, version_base=None):
         config = compose(config_name="ppo_trainer", overrides=["reward.reward_manager.name=cme"])
-    with pytest.raises(CMESettingsError, match=r"reward\.cme\.verifier: is required"):
-        CMESettings.from_verl_config(config)
+    s = CMESettings.from_verl_config(config)
+    assert s.scorer.verifier == "smollm2-135m-instruct" and s.scorer.dtype == "auto"
+    assert not s.verifier_given
 
 
 def test_routing_trap_fails_at_start_up_and_the_fix_loads():

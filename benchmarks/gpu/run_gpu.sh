@@ -1,65 +1,53 @@
 #!/usr/bin/env bash
-# GPU check of the Triton kernels: compiled correctness tests, then bench_kernels.py.
+# The one GPU run of issue 13 (correctness on the GPU first, then the benchmarks), within 540 s.
 #
-# Runs on a GPU machine that has torch + triton but no network, from the repository root:
-#     bash benchmarks/gpu/run_gpu.sh            # results in $OUT (default benchmarks/results)
-#     QUICK=1 bash benchmarks/gpu/run_gpu.sh    # small shapes: a smoke run
-# Peers and pytest come from the wheels in benchmarks/gpu/wheels/ (git-ignored; fill it with
-#     pip download --no-deps liger-kernel cut-cross-entropy trl pytest pluggy iniconfig -d benchmarks/gpu/wheels
-# and carry the folder to the GPU machine). They are installed into a private folder, never
-# into the machine's Python. Every step writes its log to $OUT; a failing step does not stop
-# the later ones, and the script exits non-zero if any failed.
+# On the device machine, from the repository root, as ONE command with the wheels carried:
+#     run(command="bash benchmarks/gpu/run_gpu.sh", carry=["benchmarks/gpu/wheels"], timeout_s=600)
+# Results go to $OUT (the run tool's folder; default benchmarks/results/gpu_run), at most 5 files:
+#     device_run.json  summary: environment, each step's status and time, pytest failures
+#     log.txt          every step's output as it ran (tuning timings included)
+#     e2e.json         CMEScorer on the Triton path vs a float64 forward, 3 families x 2 dtypes
+#     kernels_<gpu>.json  bench_kernels.py rows and target checks (render it here afterwards with
+#                      python3 benchmarks/render_kernels.py <file>)
+#     scorer_*.json    what benchmarks/bench_scorer.py wrote, when that script exists
+# Each file is rewritten after every case, so a kill keeps what was measured.
+#
+# CPU dry run of the same plumbing (tiny shapes, Triton interpreter, ~2 minutes on 2 cores):
+#     DRY=1 OUT=/tmp/gpu_dry bash benchmarks/gpu/run_gpu.sh
+#
+# Peers come from benchmarks/gpu/wheels/ (git-ignored, so name it in `carry`). Fill it with
+#     pip download --no-deps -d benchmarks/gpu/wheels liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0
+# (pure-Python wheels; pytest is NOT carried: the device image has it). They are installed
+# without dependencies into a private folder, never into the machine's Python; the device image
+# (Python 3.12, torch 2.11 / CUDA 13, triton 3.6, transformers 5.17) provides the rest.
 set -uo pipefail
 
 cd "$(dirname "$0")/../.."
-OUT="${OUT:-benchmarks/results}"
+OUT="${OUT:-benchmarks/results/gpu_run}"
+PY="${PYTHON:-python3}"
+TOTAL_S="${TOTAL_S:-540}"
 mkdir -p "$OUT"
-PY="${PYTHON:-python}"
-TEST_TIMEOUT="${TEST_TIMEOUT:-240}"
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-420}"
-status=0
 
-unset TRITON_INTERPRET
-export TRITON_PRINT_AUTOTUNING=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+dry=()
+[ "${DRY:-0}" = "1" ] && dry=(--dry)
 
-{
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
-    "$PY" -c 'import sys, torch, triton; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, torch.cuda.get_device_name())'
-} > "$OUT/machine.txt" 2>&1
-cat "$OUT/machine.txt"
-
-PEERS=/tmp/cme_gpu_peers
+PEERS="$(mktemp -d /tmp/cme_gpu_peers.XXXXXX)"
+PIP_LOG="$(mktemp /tmp/cme_gpu_pip.XXXXXX)"
 if compgen -G "benchmarks/gpu/wheels/*.whl" > /dev/null; then
-    "$PY" -m pip install --quiet --no-deps --no-index --target "$PEERS" benchmarks/gpu/wheels/*.whl \
-        > "$OUT/pip_peers.log" 2>&1 || echo "peer wheel install failed (see pip_peers.log)"
-    # Pure-Python wheels, installed without their dependencies; the peers import with the
-    # machine's torch / triton / transformers.
-    export PYTHONPATH="$PYTHONPATH:$PEERS"
+    if "$PY" -m pip install --no-deps --no-index --target "$PEERS" benchmarks/gpu/wheels/*.whl \
+        > "$PIP_LOG" 2>&1; then
+        export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PEERS"
+    else
+        echo "peer wheel install failed (see log.txt)"
+    fi
 else
-    echo "no wheels in benchmarks/gpu/wheels: peers and pytest only if already installed"
+    echo "no wheels in benchmarks/gpu/wheels: peers only if the machine has them" | tee "$PIP_LOG"
 fi
 
-if ! "$PY" -c "import cme_rewards.ops.triton_logits, cme_rewards.ops.triton_linear" > "$OUT/import.log" 2>&1; then
-    echo "cannot import the kernels (see $OUT/import.log)"; cat "$OUT/import.log"; exit 1
-fi
-
-echo "== GPU correctness tests (compiled kernels, no interpreter)"
-timeout "$TEST_TIMEOUT" "$PY" -m pytest tests/test_triton_kernels.py -q -p no:cacheprovider \
-    -m "not slow" --durations=5 --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
-rc=$?
-tail -n 25 "$OUT/gpu_tests.log"
-[ "$rc" -eq 0 ] || { echo "GPU tests failed (rc=$rc)"; status=1; }
-
-echo "== bench_kernels.py"
-bench_args=(--out "$OUT")
-[ "${QUICK:-0}" = "1" ] && bench_args+=(--quick)
-timeout "$BENCH_TIMEOUT" "$PY" benchmarks/bench_kernels.py "${bench_args[@]}" > "$OUT/bench.log" 2>&1
-rc=$?
-grep -v "^Triton autotuning\|^with key\|^finished after\|^best config" "$OUT/bench.log" | tail -n 60
-[ "$rc" -eq 0 ] || { echo "bench failed (rc=$rc)"; status=1; }
-
-for json in "$OUT"/kernels_*.json; do
-    [ -e "$json" ] && "$PY" benchmarks/render_kernels.py "$json" > /dev/null && echo "rendered ${json%.json}.md"
-done
+# The driver stops starting steps 15 s before TOTAL_S; `timeout` is the last resort.
+timeout -k 5 "$TOTAL_S" "$PY" benchmarks/gpu/device_run.py --out "$OUT" \
+    --budget "$((TOTAL_S - 15))" --peers-log "$PIP_LOG" ${dry[@]+"${dry[@]}"}
+status=$?
+rm -rf "$PEERS" "$PIP_LOG"
+ls -l "$OUT"
 exit "$status"

@@ -15,22 +15,51 @@ def reward_file_path() -> Path:
     return Path(__file__).resolve().with_name("reward_func.py")
 
 
+PROBE = (
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "The capital of France is Paris.<|im_end|>",
+    "What is the capital of France?",
+)
+"""(prompt, response, label) of the sample ``--check`` scores."""
+
+
+def check() -> str:
+    """Check every ``CME_REWARDS_*`` variable, load the verifier and score :data:`PROBE`.
+
+    Returns a one-line summary; raises ``ValueError`` (an ``OptionError`` naming the variable) or
+    ``RuntimeError`` when the probe gets no finite reward.
+    """
+    from cme_rewards.openrlhf.runtime import FileModeConfig, FileModeRuntime
+
+    runtime = FileModeRuntime(FileModeConfig.from_env())
+    try:
+        prompt, response, label = PROBE
+        result = runtime.score([prompt + response], [prompt], [label])[0]
+    finally:
+        runtime.close()
+    if result.error is not None:
+        raise RuntimeError(f"the probe sample got the floor reward: {result.error}")
+    return (
+        f"verifier {runtime.config.scorer.verifier!r} scores the probe: cme {result.cme:.4f} nats"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Print the path; with ``--check``, also validate the ``CME_REWARDS_*`` environment. Returns 0 or 2."""
+    """Print the path; ``--check`` first loads the verifier and scores a probe. Returns 0 or 2."""
     parser = argparse.ArgumentParser(
         prog="cme-rewards openrlhf-reward-file",
         description="Print the path to pass to OpenRLHF's --reward.remote_url (file mode).",
     )
     parser.add_argument(
-        "--check", action="store_true", help="also check the CME_REWARDS_* environment variables"
+        "--check",
+        action="store_true",
+        help="check the CME_REWARDS_* variables, load the verifier and score one probe sample",
     )
     args = parser.parse_args(argv)
     if args.check:
-        from cme_rewards.openrlhf.runtime import FileModeConfig
-
         try:
-            FileModeConfig.from_env()
-        except ValueError as exc:
+            print(check(), file=sys.stderr)
+        except (ValueError, RuntimeError, OSError) as exc:
             print(f"cme-rewards openrlhf-reward-file: error: {exc}", file=sys.stderr)
             return 2
     print(reward_file_path())

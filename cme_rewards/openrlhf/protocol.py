@@ -17,12 +17,12 @@ The verifier's prompt is, in order of preference:
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from cme_rewards.formatting import GENERATOR_END_MARKERS, clean_response
+from cme_rewards.options import check_fields, option
 from cme_rewards.results import CMEResult
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,30 @@ COMMON_SPECIAL_TOKENS = (
     "<s>",
 )
 """Special tokens removed from responses when no policy tokenizer is given."""
+
+
+@dataclass(frozen=True)
+class RecoveryOptions:
+    """How OpenRLHF's samples are turned back into the verifier's prompt and response."""
+
+    policy_tokenizer: str | None = option(
+        None,
+        "the policy's tokenizer (name, folder or hub id): strips its chat template and special tokens",
+    )
+    prompt_source: str = option(
+        "auto",
+        "auto: the label (raw prompt), else the prompt stripped of the policy template, else as "
+        "is; or force label, template or templated",
+        choices=PROMPT_SOURCES,
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def build(self) -> PromptRecovery:
+        """The :class:`PromptRecovery` these options describe (loads the policy tokenizer)."""
+        tokenizer = load_policy_tokenizer(self.policy_tokenizer) if self.policy_tokenizer else None
+        return PromptRecovery(tokenizer, self.prompt_source)
 
 
 @dataclass(frozen=True)
@@ -84,8 +108,10 @@ class ChatTemplateStripper:
     """Recovers the messages a policy's chat template rendered into a prompt string.
 
     The template is rendered with placeholder contents for a user turn, and for a system + user
-    conversation; a prompt matching the rendering with the placeholders as wildcards gives back
-    the contents. A lone user turn comes back as its text, otherwise as chat messages.
+    conversation, which splits it into fixed pieces; a prompt made of those pieces with any text
+    between them gives back that text (the first occurrence of an inner piece splits two contents).
+    Matching is linear in the prompt's length. A lone user turn comes back as its text, otherwise as
+    chat messages.
     """
 
     _HOLE = "\x00CME{}\x00"
@@ -94,7 +120,7 @@ class ChatTemplateStripper:
     def __init__(self, tokenizer: Any) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("policy tokenizer: it has no chat template to strip")
-        self.patterns: list[tuple[tuple[str, ...], re.Pattern[str]]] = []
+        self.shapes: list[tuple[tuple[str, ...], list[str]]] = []
         for roles in self._SHAPES:
             messages = [{"role": r, "content": self._HOLE.format(i)} for i, r in enumerate(roles)]
             try:
@@ -103,24 +129,73 @@ class ChatTemplateStripper:
                 )
             except Exception:  # e.g. a template that rejects the system role
                 continue
-            pieces = re.split(r"\x00CME\d+\x00", text)
-            if len(pieces) != len(roles) + 1:
-                continue  # the template repeats or drops a content: no usable pattern
-            regex = "(.*?)".join(re.escape(p) for p in pieces)
-            self.patterns.append((roles, re.compile(regex, re.DOTALL)))
-        if not self.patterns:
+            pieces = [text]
+            for i in range(len(roles)):
+                head, hole, tail = pieces[-1].partition(self._HOLE.format(i))
+                if not hole or self._HOLE.format(i) in tail:
+                    break  # the template drops or repeats a content: no usable shape
+                pieces[-1:] = [head, tail]
+            else:
+                self.shapes.append((roles, pieces))
+        if not self.shapes:
             raise ValueError("policy tokenizer: its chat template does not render a user turn")
 
     def unwrap(self, templated: str) -> str | list[dict[str, Any]] | None:
         """The instruction (or messages) rendered into ``templated``, or ``None`` if none match."""
-        for roles, pattern in self.patterns:
-            m = pattern.fullmatch(templated)
-            if m is None:
+        for roles, pieces in self.shapes:
+            first, *inner, last = pieces
+            if len(templated) < sum(map(len, pieces)):
                 continue
-            if roles == ("user",):
-                return m.group(1)
-            return [{"role": r, "content": c} for r, c in zip(roles, m.groups(), strict=True)]
+            if not (templated.startswith(first) and templated.endswith(last)):
+                continue
+            middle = templated[len(first) : len(templated) - len(last)]
+            contents = []
+            for piece in inner:
+                content, found, middle = middle.partition(piece)
+                if not found:
+                    break
+                contents.append(content)
+            else:
+                contents.append(middle)
+                if roles == ("user",):
+                    return contents[0]
+                return [{"role": r, "content": c} for r, c in zip(roles, contents, strict=True)]
         return None
+
+
+def longest_overlap(prompt: str, query: str, minimum: int = MIN_PROMPT_OVERLAP) -> int:
+    """The longest ``k >= minimum`` with ``prompt[-k:] == query[:k]`` and ``k < len(prompt)``, else 0.
+
+    Linear time: a few candidates are checked directly (``str.find``), then the KMP prefix function
+    of ``query`` decides, so a hostile prompt cannot make it quadratic.
+    """
+    n = len(prompt)
+    if n - 1 < minimum or len(query) < minimum:
+        return 0
+    head = query[:minimum]
+    pos = prompt.find(head, 1)
+    for _ in range(8):
+        if pos == -1:
+            return 0
+        if query.startswith(prompt[pos:]):
+            return n - pos
+        pos = prompt.find(head, pos + 1)
+    pattern, text = query[: n - 1], prompt[1:]
+    failure = [0] * len(pattern)
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[k] != pattern[i]:
+            k = failure[k - 1]
+        if pattern[k] == pattern[i]:
+            k += 1
+        failure[i] = k
+    k = 0
+    for c in text:
+        while k and (k == len(pattern) or pattern[k] != c):
+            k = failure[k - 1]
+        if k < len(pattern) and pattern[k] == c:
+            k += 1
+    return k if k >= minimum else 0
 
 
 def split_query(query: str, prompt: str, policy_tokenizer: Any = None) -> str | None:
@@ -128,6 +203,7 @@ def split_query(query: str, prompt: str, policy_tokenizer: Any = None) -> str | 
 
     Also accepts ``prompt`` after a decode round trip through the policy tokenizer, and a prompt
     whose left part OpenRLHF cut off (a suffix of at least ``MIN_PROMPT_OVERLAP`` characters).
+    Linear in the lengths (see :func:`longest_overlap`).
     """
     if query.startswith(prompt):
         return query[len(prompt) :]
@@ -136,10 +212,8 @@ def split_query(query: str, prompt: str, policy_tokenizer: Any = None) -> str | 
         decoded = policy_tokenizer.decode(ids, skip_special_tokens=False)
         if query.startswith(decoded):
             return query[len(decoded) :]
-    for start in range(1, len(prompt) - MIN_PROMPT_OVERLAP + 1):
-        if query.startswith(prompt[start:]):
-            return query[len(prompt) - start :]
-    return None
+    k = longest_overlap(prompt, query)
+    return query[k:] if k else None
 
 
 def _label_prompt(label: Any) -> str | list[dict[str, Any]] | None:
@@ -221,8 +295,8 @@ class PromptRecovery:
                 self._warned_unmatched = True
                 logger.warning(
                     "a prompt does not match the policy's chat template; scoring it as it is "
-                    "(warned once): %.200r",
-                    prompt,
+                    "(warned once): %r",
+                    prompt[:200],
                 )
         return "templated", prompt
 

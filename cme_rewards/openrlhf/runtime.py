@@ -4,23 +4,11 @@ OpenRLHF calls ``reward_func`` once per sample, concurrently from threads, insid
 actor. The first call loads the verifier (so vLLM has taken its memory first); later calls share
 it, and concurrent calls are coalesced into verifier batches by a micro-batcher.
 
-Environment variables (all optional):
-
-=================================== ===========================================================
-``CME_REWARDS_VERIFIER``            verifier name (default ``smollm2-135m-instruct``)
-``CME_REWARDS_DEVICE``              ``auto`` (CUDA when visible), ``cpu``, ``cuda``, ``cuda:1``
-``CME_REWARDS_DTYPE``               ``auto`` (bf16 on CUDA, fp32 on CPU), ``float32``, ...
-``CME_REWARDS_GPU_MEMORY_FRACTION`` share of the GPU this process may allocate, in (0, 1]; set
-                                    it and lower ``--vllm.gpu_memory_utilization`` so they sum < 1
-``CME_REWARDS_MAX_LENGTH``          verifier tokens per sample (default 2048)
-``CME_REWARDS_MAX_BATCH_TOKENS``    micro-batch bound, batch size x longest sample (16384)
-``CME_REWARDS_MAX_BATCH_SIZE``      most samples per batch (64)
-``CME_REWARDS_MAX_WAIT_MS``         how long a sample waits for company (10)
-``CME_REWARDS_TOKEN_BUDGET``        padded tokens per verifier forward (2048 on CPU, 16384 GPU)
-``CME_REWARDS_POLICY_TOKENIZER``    the policy's tokenizer: strips its chat template / tokens
-``CME_REWARDS_PROMPT_SOURCE``       ``auto``, ``label``, ``template`` or ``templated``
-``CME_REWARDS_RETRIES``             tries on transient trouble before the floor reward (5)
-=================================== ===========================================================
+Environment variables (all optional): ``CME_REWARDS_<OPTION>`` for every option of
+:class:`cme_rewards.options.ScorerOptions` (``CME_REWARDS_VERIFIER``, ``CME_REWARDS_DTYPE``,
+``CME_REWARDS_MAX_LENGTH``, ...), of :class:`cme_rewards.batching.BatchLimits`
+(``CME_REWARDS_MAX_WAIT_MS``, ...) and of :class:`FileModeOptions` below; the table is in
+``docs/options.md``. They are all checked when OpenRLHF loads the file.
 """
 
 from __future__ import annotations
@@ -28,103 +16,74 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from cme_rewards.batching import (
-    BatchedScorer,
-    BatchLimits,
-    Sample,
-    floor_result,
-    is_transient,
+from cme_rewards.batched_scorer import BatchedScorer, Sample
+from cme_rewards.batching import BatchLimits
+from cme_rewards.openrlhf.protocol import PromptRecovery, RecoveryOptions, extra_logs
+from cme_rewards.options import (
+    ScorerOptions,
+    at_least,
+    check_fields,
+    env_name,
+    env_values,
+    from_values,
+    option,
 )
-from cme_rewards.openrlhf.protocol import (
-    PROMPT_SOURCES,
-    PromptRecovery,
-    extra_logs,
-    load_policy_tokenizer,
-)
-from cme_rewards.results import CMEResult
-from cme_rewards.scorer import default_token_budget
+from cme_rewards.results import CMEResult, Scorer, floored
+from cme_rewards.retry import DEFAULT_TRIES, retry_sync
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "CME_REWARDS_"
 
 
-def _env(environ: Mapping[str, str], name: str, kind: type, default: Any) -> Any:
-    raw = environ.get(PREFIX + name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        return kind(raw)
-    except ValueError:
-        raise ValueError(f"{PREFIX}{name}: expected {kind.__name__}, got {raw!r}") from None
+def env_key(name: str) -> str:
+    """The environment spelling of an option: ``CME_REWARDS_<NAME>``."""
+    return env_name(PREFIX, name)
+
+
+@dataclass(frozen=True)
+class FileModeOptions:
+    """Options only OpenRLHF's file mode has."""
+
+    gpu_memory_fraction: float | None = option(
+        None,
+        "share of the GPU this process may allocate, in (0, 1]; lower vLLM's "
+        "--vllm.gpu_memory_utilization so the two sum below 1",
+        check=lambda v: None if v is None or 0 < v <= 1 else f"must be in (0, 1], got {v!r}",
+    )
+    max_retries: int = option(
+        DEFAULT_TRIES, "tries on transient trouble before the floor reward", check=at_least(1)
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class FileModeConfig:
-    """File-mode settings (see the module docstring for the environment variables)."""
+    """File-mode settings, read from ``CME_REWARDS_*`` (see the module docstring)."""
 
-    verifier: str = "smollm2-135m-instruct"
-    device: str = "auto"
-    dtype: str = "auto"
-    gpu_memory_fraction: float | None = None
-    max_length: int = 2048
-    token_budget: int | None = None
-    limits: BatchLimits = field(default_factory=BatchLimits)
-    policy_tokenizer: str | None = None
-    prompt_source: str = "auto"
-    retries: int = 5
+    scorer: ScorerOptions
+    batch: BatchLimits
+    recovery: RecoveryOptions
+    file: FileModeOptions
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> FileModeConfig:
-        """Read ``CME_REWARDS_*``; a bad value raises ``ValueError`` naming its variable."""
-        env = os.environ if environ is None else environ
-        d = BatchLimits()
-        fraction = _env(env, "GPU_MEMORY_FRACTION", float, None)
-        if fraction is not None and not 0 < fraction <= 1:
-            raise ValueError(f"{PREFIX}GPU_MEMORY_FRACTION: must be in (0, 1], got {fraction}")
-        source = _env(env, "PROMPT_SOURCE", str, "auto")
-        if source not in PROMPT_SOURCES:
-            raise ValueError(
-                f"{PREFIX}PROMPT_SOURCE: must be one of {PROMPT_SOURCES}, got {source!r}"
-            )
-        try:
-            limits = BatchLimits(
-                max_batch_tokens=_env(env, "MAX_BATCH_TOKENS", int, d.max_batch_tokens),
-                max_batch_size=_env(env, "MAX_BATCH_SIZE", int, d.max_batch_size),
-                max_wait_ms=_env(env, "MAX_WAIT_MS", float, d.max_wait_ms),
-            )
-        except ValueError as exc:
-            raise ValueError(f"{PREFIX}{str(exc).split(' ', 1)[0].upper()}: {exc}") from None
-        config = cls(
-            verifier=_env(env, "VERIFIER", str, cls.verifier),
-            device=_env(env, "DEVICE", str, cls.device),
-            dtype=_env(env, "DTYPE", str, cls.dtype),
-            gpu_memory_fraction=fraction,
-            max_length=_env(env, "MAX_LENGTH", int, cls.max_length),
-            token_budget=_env(env, "TOKEN_BUDGET", int, None),
-            limits=limits,
-            policy_tokenizer=_env(env, "POLICY_TOKENIZER", str, None),
-            prompt_source=source,
-            retries=_env(env, "RETRIES", int, cls.retries),
-        )
-        if config.max_length < 2:
-            raise ValueError(f"{PREFIX}MAX_LENGTH: must be at least 2, got {config.max_length}")
-        if config.token_budget is not None and config.token_budget < 1:
-            raise ValueError(f"{PREFIX}TOKEN_BUDGET: must be at least 1, got {config.token_budget}")
-        if config.retries < 1:
-            raise ValueError(f"{PREFIX}RETRIES: must be at least 1, got {config.retries}")
-        return config
+        """Read and check ``CME_REWARDS_*``; a bad value raises :class:`OptionError` naming its variable."""
+        classes = (ScorerOptions, BatchLimits, RecoveryOptions, FileModeOptions)
+        raw = env_values(classes, PREFIX, environ)
+        return cls(*from_values(classes, raw, env_key, strings=True))
 
 
 class FileModeRuntime:
     """The process's verifier, batcher and prompt recovery, created on first use (thread-safe)."""
 
-    def __init__(self, config: FileModeConfig, scorer: Any = None) -> None:
+    def __init__(self, config: FileModeConfig, scorer: Scorer | None = None) -> None:
         self.config = config
         self._scorer = scorer
         self._lock = threading.Lock()
@@ -134,36 +93,27 @@ class FileModeRuntime:
     def _load(self) -> tuple[BatchedScorer, PromptRecovery]:
         with self._lock:
             if self._batched is None or self._recovery is None:
-                cfg = self.config
-                tokenizer = (
-                    load_policy_tokenizer(cfg.policy_tokenizer) if cfg.policy_tokenizer else None
-                )
-                recovery = PromptRecovery(tokenizer, cfg.prompt_source)
+                recovery = self.config.recovery.build()
                 if (warning := recovery.startup_warning()) is not None:
                     logger.warning(warning)
                 scorer = self._scorer if self._scorer is not None else self._load_scorer()
-                self._batched = BatchedScorer(scorer, cfg.limits)
+                self._batched = BatchedScorer(scorer, self.config.batch)
                 self._recovery = recovery
             return self._batched, self._recovery
 
-    def _load_scorer(self) -> Any:
+    def _load_scorer(self) -> Scorer:
         import torch
 
         from cme_rewards.models import resolve_device
         from cme_rewards.scorer import CMEScorer
 
-        cfg = self.config
-        device = resolve_device(cfg.device)
-        if cfg.gpu_memory_fraction is not None and device.type == "cuda":
-            torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction, device)
-        logger.info("loading verifier %s on %s (pid %d)", cfg.verifier, device, os.getpid())
-        return CMEScorer(
-            cfg.verifier,
-            device=str(device),
-            dtype=cfg.dtype,
-            max_length=cfg.max_length,
-            token_budget=cfg.token_budget or default_token_budget(device),
-        )
+        opts = self.config.scorer
+        device = resolve_device(opts.device)
+        fraction = self.config.file.gpu_memory_fraction
+        if fraction is not None and device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(fraction, device)
+        logger.info("loading verifier %r on %s (pid %d)", opts.verifier, device, os.getpid())
+        return CMEScorer(options=opts.replace(device=str(device)))
 
     def close(self) -> None:
         """Finish queued samples and stop the batcher thread (a later call starts a new one)."""
@@ -177,41 +127,34 @@ class FileModeRuntime:
     ) -> list[CMEResult]:
         """CME of each OpenRLHF sample; never raises for a sample, never returns None or NaN.
 
-        Transient trouble is retried ``retries`` times (with backoff), then gets the floor reward.
+        Transient trouble is retried on :mod:`cme_rewards.retry`'s schedule, then gets the floor.
         """
-        _, recovery = self._load()
+        batched, recovery = self._load()
+        options = self.config.scorer
         labels = list(labels) if labels is not None else [None] * len(queries)
         results: list[CMEResult | None] = [None] * len(queries)
         todo: list[tuple[int, Sample]] = []
         for i, (query, prompt, label) in enumerate(zip(queries, prompts, labels, strict=True)):
             rec = recovery.recover(query, prompt, label)
             if rec.error is not None:
-                logger.warning("sample got the floor reward: %s (prompt %.80r)", rec.error, prompt)
-                results[i] = floor_result(rec.error)
+                results[i] = floored(rec.error, options)
             else:
                 todo.append((i, Sample(rec.prompt, rec.response)))
         if todo:
-            for (i, _), r in zip(todo, self._score_with_retries([s for _, s in todo]), strict=True):
+            samples = [s for _, s in todo]
+            try:
+                scored = retry_sync(
+                    lambda: batched.score_many(samples),
+                    what="cme verifier",
+                    tries=self.config.file.max_retries,
+                )
+            except Exception as exc:
+                reason = f"verifier error: {type(exc).__name__}: {exc}"[:300]
+                logger.exception("%d samples got the floor reward", len(samples))
+                scored = [floored(reason, options) for _ in samples]
+            for (i, _), r in zip(todo, scored, strict=True):
                 results[i] = r
         return [r for r in results if r is not None]
-
-    def _score_with_retries(self, samples: list[Sample]) -> list[CMEResult]:
-        batched, _ = self._load()
-        error: BaseException | None = None
-        for attempt in range(self.config.retries):
-            try:
-                return batched.score_many(samples)
-            except Exception as exc:
-                if not is_transient(exc):
-                    reason = f"verifier error: {type(exc).__name__}: {exc}"[:300]
-                    logger.exception("%d samples got the floor reward: %s", len(samples), reason)
-                    return [floor_result(reason) for _ in samples]
-                error = exc
-                logger.warning("transient verifier trouble (try %d): %s", attempt + 1, exc)
-                time.sleep(min(0.5 * 2**attempt, 8.0))
-        reason = f"verifier unavailable after {self.config.retries} tries: {error}"[:300]
-        logger.error("%d samples got the floor reward: %s", len(samples), reason)
-        return [floor_result(reason) for _ in samples]
 
 
 _runtime: FileModeRuntime | None = None

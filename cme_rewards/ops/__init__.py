@@ -1,8 +1,17 @@
-"""Per-token log-prob ops behind one dispatch point.
+"""Per-token log-prob ops behind one dispatch point, plus the load-time check of the Triton path.
 
 ``impl="auto"`` uses the Triton kernels for CUDA tensors (when triton imports) and the chunked
 PyTorch path otherwise; ``impl="torch"`` or ``impl="triton"`` forces one (Triton on CPU tensors runs
 only under ``TRITON_INTERPRET=1``). The environment variable ``CME_REWARDS_IMPL`` sets the default.
+
+Layout (one role per file; the Triton modules are imported only when used):
+
+* ``chunked.py``: plain PyTorch ops, the production CPU path and the PyTorch reference of the
+  kernels; ``reference.py``: float64 references (tests and the load-time check);
+* ``check.py``: :func:`check_triton_head`, :func:`check_triton_logits` and the warm-ups;
+* ``triton_logits.py`` / ``triton_linear.py``: launchers (checks, device guard, tuning, buffers);
+* ``logits_kernel.py``, ``linear_lse_kernel.py``, ``lse_combine_kernel.py``: one kernel pass each;
+* ``tl_utils.py``: shared Triton helpers; ``tl_autotune.py``: launch configs and the tuner.
 """
 
 from __future__ import annotations
@@ -11,11 +20,35 @@ import os
 
 import torch
 
-from cme_rewards.ops.chunked import chunked_linear_token_logprobs, chunked_token_logprobs
+from cme_rewards.ops.check import (
+    ImplCheck,
+    check_triton_head,
+    check_triton_logits,
+    default_tolerance,
+    warm_up_triton_head,
+    warm_up_triton_logits,
+)
+from cme_rewards.ops.chunked import (
+    apply_head_transform,
+    chunked_linear_token_logprobs,
+    chunked_token_logprobs,
+)
 
 IMPLS = ("auto", "torch", "triton")
 
-__all__ = ["IMPLS", "linear_token_logprobs", "select_impl", "token_logprobs"]
+__all__ = [
+    "IMPLS",
+    "ImplCheck",
+    "apply_head_transform",
+    "check_triton_head",
+    "check_triton_logits",
+    "default_tolerance",
+    "linear_token_logprobs",
+    "select_impl",
+    "token_logprobs",
+    "warm_up_triton_head",
+    "warm_up_triton_logits",
+]
 
 
 def select_impl(impl: str, device: torch.device) -> str:
@@ -36,17 +69,25 @@ def select_impl(impl: str, device: torch.device) -> str:
 
 
 def token_logprobs(
-    logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, impl: str = "auto"
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    impl: str = "auto",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log-prob (nats, float32) of ``targets[i]`` under ``softmax(logits[i] / temperature)``.
 
     Shapes: logits ``[N, V]`` (bf16 / fp16 / fp32, last dim contiguous), targets ``[N]`` -> ``[N]``.
+    ``mask`` (optional ``[N]`` bool / int): rows where it is 0 are not read and give 0.0, so that
+    ``[B * T, V]`` logits can be scored in place instead of gathering the scored rows first.
+    A target outside ``[0, V)`` gives NaN.
     """
     if select_impl(impl, logits.device) == "triton":
         from cme_rewards.ops.triton_logits import triton_token_logprobs
 
-        return triton_token_logprobs(logits, targets, temperature=temperature)
-    return chunked_token_logprobs(logits, targets, temperature=temperature)
+        return triton_token_logprobs(logits, targets, temperature=temperature, mask=mask)
+    return chunked_token_logprobs(logits, targets, temperature=temperature, mask=mask)
 
 
 def linear_token_logprobs(
@@ -63,6 +104,7 @@ def linear_token_logprobs(
 
     Logits are ``(hidden @ weight.T + bias) * logit_scale``, then ``softcap * tanh(x / softcap)``.
     Shapes: hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]``, targets ``[N]`` -> ``[N]``.
+    A target outside ``[0, V)`` gives NaN.
     """
     if select_impl(impl, hidden.device) == "triton":
         from cme_rewards.ops.triton_linear import triton_linear_token_logprobs

@@ -1,19 +1,35 @@
-"""Chunked PyTorch log-prob ops: the CPU path, never holding a float32 ``[N, V]`` tensor whole.
+"""Plain PyTorch log-prob ops: the production CPU path, and the PyTorch reference of the kernels.
 
-Rows are taken ``row_chunk`` at a time and the vocabulary ``vocab_chunk`` at a time; each block's
-logsumexp (one fused pass per row) is merged into a running float32 logsumexp, so the largest
-temporary is ``row_chunk x vocab_chunk`` floats (``CHUNK_ELEMENTS`` by default, 16 MiB).
+Same functions and semantics as the Triton ops (``triton_logits``, ``triton_linear``), written
+with torch operations only. Rows are taken ``row_chunk`` at a time and the vocabulary
+``vocab_chunk`` at a time; each block's logsumexp (one fused pass per row) is merged into a running
+float32 logsumexp, so the largest temporary is ``row_chunk x vocab_chunk`` floats
+(``CHUNK_ELEMENTS`` by default, 16 MiB) and a float32 ``[N, V]`` tensor is never held whole.
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
 
-from cme_rewards.ops.reference import apply_head_transform
+import torch
 
 CHUNK_ELEMENTS = 1 << 22
 """Largest temporary block of logits, in elements (float32: 16 MiB)."""
 MAX_ROW_CHUNK = 2048
+
+
+def apply_head_transform(
+    logits: torch.Tensor, *, logit_scale: float = 1.0, softcap: float | None = None
+) -> torch.Tensor:
+    """The output head's logit transform: ``x * logit_scale``, then ``softcap * tanh(x / softcap)``.
+
+    Shape- and dtype-preserving (any ``[..., V]``); computes in the dtype of ``logits``.
+    """
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
 
 
 def _chunk_sizes(n_rows: int, vocab: int, chunk_elements: int) -> tuple[int, int]:
@@ -25,12 +41,15 @@ def _chunk_sizes(n_rows: int, vocab: int, chunk_elements: int) -> tuple[int, int
 def _online_logprobs(
     n_rows: int,
     vocab: int,
-    block_logits,  # (row_slice, v0, v1) -> float32 [rows, v1 - v0]
+    block_logits: Callable[[slice, int, int], torch.Tensor],
     targets: torch.Tensor,
     device: torch.device,
     chunk_elements: int,
 ) -> torch.Tensor:
-    """Shared loop: target logit minus online logsumexp, over row and vocabulary chunks."""
+    """Target logit minus online logsumexp over row and vocabulary chunks; NaN for a bad target.
+
+    ``block_logits(rows, v0, v1)`` returns the float32 logits ``[len(rows), v1 - v0]``.
+    """
     out = torch.empty(n_rows, dtype=torch.float32, device=device)
     rows, cols = _chunk_sizes(n_rows, vocab, chunk_elements)
     for r0 in range(0, n_rows, rows):
@@ -38,7 +57,7 @@ def _online_logprobs(
         tgt = targets[rs].long()
         n = tgt.numel()
         run_lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=device)
-        tgt_logit = torch.zeros(n, dtype=torch.float32, device=device)
+        tgt_logit = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
         for v0 in range(0, vocab, cols):
             v1 = min(v0 + cols, vocab)
             block = block_logits(rs, v0, v1)
@@ -58,18 +77,31 @@ def chunked_token_logprobs(
     targets: torch.Tensor,
     *,
     temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> torch.Tensor:
-    """Per-row log-prob of ``targets`` under ``softmax(logits / temperature)``.
+    """Per-row log-prob (nats) of ``targets`` under ``softmax(logits / temperature)``.
 
-    Shapes: logits ``[N, V]`` (any float dtype), targets ``[N]`` -> float32 ``[N]``, nats.
+    Shapes: logits ``[N, V]`` (any float dtype), targets ``[N]``, mask ``[N]`` -> float32 ``[N]``.
+    Rows where ``mask`` is 0 are not read and give 0.0; a target outside ``[0, V)`` gives NaN.
     """
     n_rows, vocab = logits.shape
+    if mask is None:
 
-    def block(rs: slice, v0: int, v1: int) -> torch.Tensor:
-        return logits[rs, v0:v1].float() / temperature
+        def block(rs: slice, v0: int, v1: int) -> torch.Tensor:
+            return logits[rs, v0:v1].float() / temperature
 
-    return _online_logprobs(n_rows, vocab, block, targets, logits.device, chunk_elements)
+        return _online_logprobs(n_rows, vocab, block, targets, logits.device, chunk_elements)
+    kept = (mask != 0).nonzero().squeeze(1)
+    out = torch.zeros(n_rows, dtype=torch.float32, device=logits.device)
+
+    def kept_block(rs: slice, v0: int, v1: int) -> torch.Tensor:
+        return logits[kept[rs], v0:v1].float() / temperature
+
+    out[kept] = _online_logprobs(
+        kept.numel(), vocab, kept_block, targets[kept], logits.device, chunk_elements
+    )
+    return out
 
 
 def chunked_linear_token_logprobs(
@@ -82,11 +114,12 @@ def chunked_linear_token_logprobs(
     softcap: float | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> torch.Tensor:
-    """Log-probs of ``targets`` through the output head without materialising ``[N, V]`` logits.
+    """Log-probs (nats) of ``targets`` through the output head without ``[N, V]`` logits.
 
     Logits are ``(hidden @ weight.T + bias) * logit_scale``, then softcapped when ``softcap`` is set,
     computed in the weights' dtype and upcast to float32 block by block.
-    Shapes: hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]``, targets ``[N]`` -> float32 ``[N]``.
+    Shapes: hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]``, targets ``[N]`` -> float32 ``[N]``;
+    a target outside ``[0, V)`` gives NaN.
     """
     n_rows, vocab = hidden.shape[0], weight.shape[0]
 

@@ -1,27 +1,36 @@
-"""Float64 references of the log-prob ops: slow, exact, used by tests only."""
+"""Float64 references of the log-prob ops, for the tests and the load-time check of the Triton path.
+
+Slow and exact: every logit is computed and reduced in float64 from the same (rounded) inputs the
+fast paths read, so the difference to them is the fast paths' own error. The vocabulary is taken
+in blocks so that a check on a GPU never holds a float64 copy of a whole output head. A target
+outside ``[0, V)`` gives NaN, as in the fast paths.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from cme_rewards.ops.chunked import apply_head_transform
+
+__all__ = ["apply_head_transform", "reference_linear_token_logprobs", "reference_token_logprobs"]
+
+_BLOCK_ELEMENTS = 1 << 25
+"""Largest float64 temporary of the blocked reference, in elements (256 MiB)."""
+
+
+def _pick(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``logp[i, targets[i]]``, NaN where the target is outside ``[0, V)``."""
+    tgt = targets.long()
+    valid = (tgt >= 0) & (tgt < logp.shape[-1])
+    picked = logp.gather(-1, tgt.clamp(0, logp.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, picked, torch.full_like(picked, float("nan")))
+
 
 def reference_token_logprobs(
     logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0
 ) -> torch.Tensor:
-    """``log_softmax(logits / temperature)[i, targets[i]]`` in float64; ``[N, V], [N] -> [N]``."""
-    logp = torch.log_softmax(logits.double() / temperature, dim=-1)
-    return logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
-
-
-def apply_head_transform(
-    logits: torch.Tensor, *, logit_scale: float = 1.0, softcap: float | None = None
-) -> torch.Tensor:
-    """The output head's logit transform: multiply by ``logit_scale``, then ``softcap * tanh(x / softcap)``."""
-    if logit_scale != 1.0:
-        logits = logits * logit_scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return logits
+    """``log_softmax(logits / temperature)[i, targets[i]]`` in float64 (nats); ``[N, V], [N] -> [N]``."""
+    return _pick(torch.log_softmax(logits.double() / temperature, dim=-1), targets)
 
 
 def reference_linear_token_logprobs(
@@ -33,9 +42,26 @@ def reference_linear_token_logprobs(
     logit_scale: float = 1.0,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Log-probs through the output head in float64; ``[N, H], [V, H], [N] -> [N]``."""
-    logits = hidden.double() @ weight.double().T
-    if bias is not None:
-        logits = logits + bias.double()
-    logits = apply_head_transform(logits, logit_scale=logit_scale, softcap=softcap)
-    return reference_token_logprobs(logits, targets)
+    """Log-probs (nats, float64) through the output head; ``[N, H], [V, H], [N] -> [N]``.
+
+    Logits ``(hidden @ weight.T + bias) * logit_scale``, then ``softcap * tanh(x / softcap)``, all in
+    float64, over vocabulary blocks of at most ``2**25 / max(N, H)`` rows of ``weight``.
+    """
+    n_rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    block = max(1, _BLOCK_ELEMENTS // max(n_rows, dim, 1))
+    h64 = hidden.double()
+    lse = torch.full((n_rows,), float("-inf"), dtype=torch.float64, device=hidden.device)
+    picked = torch.full((n_rows,), float("nan"), dtype=torch.float64, device=hidden.device)
+    tgt = targets.long()
+    for v0 in range(0, vocab, block):
+        v1 = min(v0 + block, vocab)
+        z = h64 @ weight[v0:v1].double().T
+        if bias is not None:
+            z = z + bias[v0:v1].double()
+        z = apply_head_transform(z, logit_scale=logit_scale, softcap=softcap)
+        lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
+        inside = (tgt >= v0) & (tgt < v1)
+        local = (tgt - v0).clamp(0, v1 - v0 - 1)
+        picked = torch.where(inside, z.gather(-1, local[:, None]).squeeze(-1), picked)
+    return picked - lse

@@ -4,5 +4,6 @@
 """
 
 from cme_rewards.server.app import ServerConfig, create_app
+from cme_rewards.server.options import ServerOptions
 
-__all__ = ["ServerConfig", "create_app"]
+__all__ = ["ServerConfig", "ServerOptions", "create_app"]

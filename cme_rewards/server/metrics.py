@@ -10,6 +10,9 @@ from typing import Any
 
 from cme_rewards.batching import BatchStats
 
+OTHER_PATHS = "other"
+"""The ``requests`` key of every path the server does not serve."""
+
 ERROR_KINDS = {
     400: "bad_request",
     401: "unauthorized",
@@ -36,11 +39,14 @@ class Metrics:
     Batches are recorded from the batcher's worker thread, requests from the event loop.
     """
 
-    def __init__(self, window_s: float = 60.0, latency_samples: int = 4096) -> None:
+    def __init__(
+        self, window_s: float = 60.0, latency_samples: int = 4096, routes: tuple[str, ...] = ()
+    ) -> None:
         self.window_s = window_s
+        self.routes = frozenset(routes)
         self.started = time.monotonic()
         self._lock = threading.Lock()
-        self.requests: Counter[str] = Counter()  # by path
+        self.requests: Counter[str] = Counter()  # by route; unknown paths under OTHER_PATHS
         self.statuses: Counter[int] = Counter()
         self.errors: Counter[str] = Counter()
         self.samples = 0
@@ -69,13 +75,18 @@ class Metrics:
             self._trim(now)
 
     def record_request(self, path: str, status: int, seconds: float) -> None:
-        """One HTTP request finished with ``status`` after ``seconds``."""
+        """One HTTP request finished with ``status`` after ``seconds``.
+
+        Counted by route: a path the server does not serve counts under ``OTHER_PATHS``, so a
+        client cannot grow the table (it holds at most ``len(routes) + 1`` keys).
+        """
+        route = path if path in self.routes else OTHER_PATHS
         with self._lock:
-            self.requests[path] += 1
+            self.requests[route] += 1
             self.statuses[status] += 1
             if status >= 400:
                 self.errors[ERROR_KINDS.get(status, str(status))] += 1
-            elif path in ("/get_reward", "/score"):
+            elif route in ("/get_reward", "/score"):
                 self._latency.append(seconds)
 
     def record_samples(self, n: int, n_floor: int, sources: Counter[str] | None = None) -> None:

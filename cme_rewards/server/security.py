@@ -7,8 +7,9 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
-from fastapi import HTTPException, Request
+from fastapi import HTTPException
 
 from cme_rewards.server.metrics import Metrics
 
@@ -22,36 +23,56 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-def token_checker(token: str | None) -> Callable[[Request], None]:
-    """A FastAPI dependency accepting ``Authorization: Bearer <token>`` or ``?token=<token>``.
-
-    The query form exists because OpenRLHF's client sends no headers: pass
-    ``--reward.remote_url http://host:port/get_reward?token=...``. Without a token it accepts all.
-    """
-    expected = token.encode() if token else None
-
-    def check(request: Request) -> None:
-        if expected is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            given = request.query_params.get("token", "")
-        if not secrets.compare_digest(given.strip().encode(), expected):
-            raise HTTPException(
-                status_code=401,
-                detail="missing or wrong bearer token",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    return check
-
-
-async def _send_json(send: Send, status: int, detail: str) -> None:
+async def _send_json(
+    send: Send, status: int, detail: str, extra: list[tuple[bytes, bytes]] = ()
+) -> None:
     body = json.dumps({"detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *extra,
+    ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class TokenGuard:
+    """ASGI middleware answering 401 unless the request carries the bearer token.
+
+    Accepts ``Authorization: Bearer <token>`` or ``?token=<token>`` (OpenRLHF's client sends no
+    headers: pass ``--reward.remote_url http://host:port/get_reward?token=...``). Every path but
+    ``open_paths`` needs it, unknown paths and the API docs included. Without a token it lets all in.
+    """
+
+    def __init__(self, app: ASGIApp, token: str | None, open_paths: tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.expected = token.encode() if token else None
+        self.open_paths = open_paths
+
+    def _given(self, scope: Scope) -> bytes:
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                scheme, _, given = value.partition(b" ")
+                if scheme.lower() == b"bearer" and given.strip():
+                    return given.strip()
+        for pair in scope.get("query_string", b"").split(b"&"):
+            key, _, value = pair.partition(b"=")
+            if key == b"token":
+                return unquote_to_bytes(value.replace(b"+", b" ")).strip()
+        return b""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and self.expected is not None
+            and scope.get("path", "") not in self.open_paths
+            and not secrets.compare_digest(self._given(scope), self.expected)
+        ):
+            await _send_json(
+                send, 401, "missing or wrong bearer token", [(b"www-authenticate", b"Bearer")]
+            )
+            return
+        await self.app(scope, receive, send)
 
 
 class BodySizeLimit:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -28,7 +29,8 @@ from verl import DataProto
 from verl.experimental.reward_loop.reward_manager import register
 from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 
-from cme_rewards.verl.settings import CONFIG_PATH, CMESettings, CMESettingsError
+from cme_rewards.options import OptionError
+from cme_rewards.verl.settings import CMESettings, CMESettingsError, config_key
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ class CMERewardManager(RewardManagerBase):
         self._check_routing(config)
         self._actor = None
         self._remote = None
-        if self.settings.backend == "local":
+        if self.settings.verl.backend == "local":
             from cme_rewards.verl.verifier_actor import get_verifier_actor
 
             self._actor = get_verifier_actor(self.settings)
@@ -108,54 +110,43 @@ class CMERewardManager(RewardManagerBase):
             config, "reward", "custom_reward_function", "path"
         ):
             raise CMESettingsError(
-                "reward.custom_reward_function.path: with reward.reward_model.enable=true veRL "
-                "bypasses every reward manager unless a custom reward function is set; add "
-                f"reward.custom_reward_function.path={ROUTE_FN_PATH} "
-                f"reward.custom_reward_function.name={ROUTE_FN_NAME} to route samples to cme"
+                "reward.custom_reward_function.path",
+                "with reward.reward_model.enable=true veRL bypasses every reward manager unless a "
+                f"custom reward function is set; add reward.custom_reward_function.path={ROUTE_FN_PATH} "
+                f"reward.custom_reward_function.name={ROUTE_FN_NAME} to route samples to cme",
             )
 
     def _make_remote(self, reward_model_tokenizer: Any) -> Any:
-        from cme_rewards.remote import (
-            RemoteConfigError,
-            load_verifier_tokenizer,
-            make_remote_verifier,
-        )
+        from cme_rewards.remote import load_verifier_tokenizer, make_remote_verifier
 
         s = self.settings
-        url = s.url or self.reward_router_address
+        url = s.remote.url or self.reward_router_address
         if not url:
             raise CMESettingsError(
-                f"{CONFIG_PATH}.url: backend={s.backend} needs a server: set {CONFIG_PATH}.url, or "
-                "let veRL serve the verifier (reward.reward_model.enable=true, "
-                "reward.reward_model.model_path=..., reward.reward_model.rollout.name=vllm|sglang)"
+                config_key("url"),
+                f"backend={s.verl.backend} needs a server: set {config_key('url')}, or let veRL "
+                "serve the verifier (reward.reward_model.enable=true, reward.reward_model.model_path=..., "
+                "reward.reward_model.rollout.name=vllm|sglang)",
             )
-        if s.verifier:
+        if s.verifier_given:
             try:
-                tokenizer = load_verifier_tokenizer(s.verifier)
+                tokenizer = load_verifier_tokenizer(s.scorer.verifier)
             except (OSError, ValueError) as exc:
-                raise CMESettingsError(f"{CONFIG_PATH}.verifier: {exc}") from exc
+                raise CMESettingsError(config_key("verifier"), str(exc)) from exc
         elif reward_model_tokenizer is not None:
             tokenizer = reward_model_tokenizer
         else:
             raise CMESettingsError(
-                f"{CONFIG_PATH}.verifier: name the served verifier (its tokenizer builds the token ids)"
+                config_key("verifier"),
+                "name the served verifier (its tokenizer builds the token ids)",
             )
         try:
             remote = make_remote_verifier(
-                s.backend,
-                url,
-                tokenizer,
-                model=s.model,
-                max_length=s.max_length,
-                reduction=s.reduction,
-                min_tokens=s.min_tokens,
-                floor=s.floor,
-                timeout_s=s.timeout_s,
-                max_retries=s.max_retries,
+                s.verl.backend, tokenizer, s.scorer, dataclasses.replace(s.remote, url=url)
             )
             _run_blocking(self._checked(remote))
-        except RemoteConfigError as exc:
-            raise CMESettingsError(f"{CONFIG_PATH}.{exc}") from exc
+        except OptionError as exc:
+            raise CMESettingsError(config_key(exc.option), exc.reason) from exc
         return remote
 
     @staticmethod
@@ -191,21 +182,19 @@ class CMERewardManager(RewardManagerBase):
                 return (await self._remote.score(prompt, response, id=uid)).to_dict()
             except RemoteVerifierUnavailable as exc:
                 raise RuntimeError(
-                    f"cme remote verifier ({CONFIG_PATH}.url) is down: {exc}"
+                    f"cme remote verifier ({config_key('url')}) is down: {exc}"
                 ) from exc
-        from cme_rewards.batching import is_transient
+        from cme_rewards.retry import is_transient, retry_async
 
-        attempt = 0
-        while True:
-            try:
-                return await self._actor.score.remote(prompt, response, uid)
-            except Exception as exc:
-                cause = getattr(exc, "cause", None) or exc
-                attempt += 1
-                if not is_transient(cause) or attempt >= self.settings.max_retries:
-                    raise
-                logger.warning("cme verifier busy (%s); retry %d", cause, attempt)
-                await asyncio.sleep(min(2.0 ** (attempt - 1), 30.0))
+        def transient(exc: BaseException) -> bool:
+            return is_transient(getattr(exc, "cause", None) or exc)  # Ray wraps the actor's error
+
+        return await retry_async(
+            lambda: self._actor.score.remote(prompt, response, uid),
+            what="cme verifier actor",
+            tries=self.settings.remote.max_retries,
+            transient=transient,
+        )
 
     async def run_single(self, data: DataProto) -> dict[str, Any]:
         """Score one sample (the last row of ``data``); returns veRL's ``reward_score`` dict."""

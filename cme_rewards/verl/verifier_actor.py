@@ -6,7 +6,7 @@ a node starts a named Ray actor, :class:`VerifierActor`, that reserves ``reward.
 fraction lets a small verifier share a GPU; 0 runs it on CPU) and ``reward.cme.num_cpus``; the other
 workers find it by name (``get_if_exists``). Its async :meth:`VerifierActor.score` is called once per
 sample; concurrent calls from all workers are coalesced into one :meth:`cme_rewards.CMEScorer.score`
-batch by :class:`cme_rewards.batching.BatchedScorer`.
+batch by :class:`cme_rewards.batched_scorer.BatchedScorer`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cme_rewards.batching import BatchedScorer, BatchLimits, BatchStats, Sample
-from cme_rewards.verl.settings import CONFIG_PATH, CMESettings, CMESettingsError
+from cme_rewards.batched_scorer import BatchedScorer, Sample
+from cme_rewards.batching import BatchStats
+from cme_rewards.verl.settings import CMESettings, CMESettingsError, config_key
 
 logger = logging.getLogger(__name__)
 
@@ -35,23 +36,10 @@ class VerifierActor:
         from cme_rewards.scorer import CMEScorer
 
         self.settings = settings
-        self.scorer = CMEScorer(
-            settings.verifier,
-            device=actor_device(settings),
-            dtype=settings.dtype,
-            max_length=settings.max_length,
-            token_budget=settings.token_budget,
-            reduction=settings.reduction,
-            min_tokens=settings.min_tokens,
-            floor=settings.floor,
-        )
+        self.scorer = CMEScorer(options=settings.scorer.replace(device=actor_device(settings)))
         self.calls = 0
         self.batches: list[int] = []
-        self.batched = BatchedScorer(
-            self.scorer,
-            BatchLimits(max_batch_tokens=settings.token_budget, max_wait_ms=settings.batch_wait_ms),
-            on_batch=self._count,
-        )
+        self.batched = BatchedScorer(self.scorer, settings.batch, on_batch=self._count)
 
     def _count(self, stats: BatchStats) -> None:
         self.batches.append(stats.size)
@@ -82,9 +70,9 @@ def actor_device(settings: CMESettings) -> str:
     (Ray leaves ``CUDA_VISIBLE_DEVICES`` alone for an actor without GPUs, so ``auto`` must not
     pick a GPU nobody reserved; ``device=cuda`` with ``num_gpus=0`` does that on purpose.)
     """
-    if settings.device == "auto" and settings.num_gpus == 0:
+    if settings.scorer.device == "auto" and settings.verl.num_gpus == 0:
         return "cpu"
-    return settings.device
+    return settings.scorer.device
 
 
 def actor_name(settings: CMESettings, node_id: str) -> str:
@@ -105,25 +93,27 @@ def get_verifier_actor(settings: CMESettings) -> ray.actor.ActorHandle:
         .options(
             name=name,
             get_if_exists=True,
-            num_gpus=settings.num_gpus,
-            num_cpus=settings.num_cpus,
+            num_gpus=settings.verl.num_gpus,
+            num_cpus=settings.verl.num_cpus,
             max_concurrency=1000,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
         )
         .remote(settings)
     )
     try:
-        info = ray.get(handle.info.remote(), timeout=settings.timeout_s)
+        info = ray.get(handle.info.remote(), timeout=settings.remote.timeout_s)
     except ray.exceptions.GetTimeoutError as exc:
+        v = settings.verl
         raise CMESettingsError(
-            f"{CONFIG_PATH}.num_gpus: the verifier actor {name} did not start within "
-            f"{CONFIG_PATH}.timeout_s={settings.timeout_s} s; node {node_id} may have no free "
-            f"num_gpus={settings.num_gpus} / num_cpus={settings.num_cpus} (GPUs held by veRL's "
-            "placement groups are not free: use a fraction of a GPU left outside them, or 0 for CPU)"
+            config_key("num_gpus"),
+            f"the verifier actor {name} did not start within {config_key('timeout_s')}="
+            f"{settings.remote.timeout_s} s; node {node_id} may have no free "
+            f"num_gpus={v.num_gpus} / num_cpus={v.num_cpus} (GPUs held by veRL's "
+            "placement groups are not free: use a fraction of a GPU left outside them, or 0 for CPU)",
         ) from exc
     except ray.exceptions.RayActorError as exc:
         raise CMESettingsError(
-            f"{CONFIG_PATH}.verifier: the verifier actor failed to start: {exc}"
+            config_key("verifier"), f"the verifier actor failed to start: {exc}"
         ) from exc
     logger.info("cme verifier actor %s ready: %s", name, info)
     return handle

@@ -1,4 +1,4 @@
-"""Read pairwise judgments: judgment JSONL (SPEC.md schema) and AlpacaEval ``annotations.json`` files.
+"""Read pairwise judgments: judgment JSONL (``docs/judgments.md``) and AlpacaEval ``annotations.json`` files.
 
 Every judgment becomes one :class:`Judgment` with ``q`` = P(model wins) in [0, 1] (AlpacaEval's
 ``preference - 1``, or the discrete score when only ``winner`` is given) and a discrete score ``d``
@@ -110,6 +110,16 @@ def _length(record: dict, name: str) -> int | None:
     return None if text is None else len(text)
 
 
+def _judge_error(record: dict) -> bool:
+    """Whether the record's ``error`` says the judge gave no verdict (null, false, "" say it did)."""
+    error = record.get("error")
+    if error is None or error is False or error == "":
+        return False
+    if not isinstance(error, str):
+        raise _BadField("error", f"expected a string or null, got {error!r}")
+    return True
+
+
 def judgment_from_record(record: Any) -> Judgment | tuple[str, str, str, str]:
     """Judgment JSONL record -> :class:`Judgment`, or a drop key ``(model, baseline, judge, reason)``."""
     if not isinstance(record, dict):
@@ -120,7 +130,7 @@ def judgment_from_record(record: Any) -> Judgment | tuple[str, str, str, str]:
     prompt = _text(record, "id", required=False) or _text(record, "instruction", required=False)
     if prompt is None:
         raise _BadField("id", "missing (and no 'instruction' to fall back on)")
-    if record.get("error") is not None:
+    if _judge_error(record):
         return (model, baseline, judge, DROP_ERROR)
     order = record.get("order")
     if order is not None and order not in ORDERS:
@@ -183,7 +193,14 @@ def judgment_from_annotation(record: Any) -> Judgment | tuple[str, str, str, str
 
 def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, element)`` for each element of a JSON array file."""
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise InputError(
+            f"{path}:{line}: not valid UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})"
+        ) from None
     decoder = json.JSONDecoder()
     pos, line, n = 0, 1, len(text)
 
@@ -200,6 +217,8 @@ def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
         raise fail("expected a JSON array of AlpacaEval annotations", pos)
     pos = skip_ws(pos + 1)
     if pos < n and text[pos] == "]":
+        if skip_ws(pos + 1) < n:
+            raise fail("unexpected text after the JSON array", skip_ws(pos + 1))
         return
     last = 0
     while True:
@@ -214,6 +233,9 @@ def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
         if pos < n and text[pos] == ",":
             pos = skip_ws(pos + 1)
         elif pos < n and text[pos] == "]":
+            rest = skip_ws(pos + 1)
+            if rest < n:
+                raise fail("unexpected text after the JSON array", rest)
             return
         else:
             raise fail("malformed JSON: expected ',' or ']'", pos)
@@ -235,7 +257,7 @@ def load_file(path: str | Path) -> Judgments:
         items: Iterable[tuple[int, Any]] = _iter_json_array(path)
         convert, where = judgment_from_annotation, "record"
     else:
-        items = read_jsonl(path)
+        items = read_jsonl(path, allow_nan=True)  # a NaN preference is dropped and counted
         convert, where = judgment_from_record, "line"
     for index, (line, record) in enumerate(items, start=1):
         try:

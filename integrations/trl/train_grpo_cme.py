@@ -16,11 +16,15 @@ turns, such as a reference answer, are dropped). All lines use one of the two. A
 field names samples in warnings.
 
 ``--policy`` and ``--verifier`` accept the built-in names of ``cme_rewards.models`` (the policy is
-then loaded from the package's converted transformers folder), a local folder, or a hub id.
+then loaded from the package's converted transformers folder), a local folder, or a hub id. Every
+other option of the CME scorer is a ``--cme_<option>`` flag generated from
+``cme_rewards.options.ScorerOptions`` (``--cme_dtype``, ``--cme_max_length``, ``--cme_reduction``,
+...), with the same defaults and checks as on every other surface.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +32,7 @@ from typing import Any
 
 from cme_rewards.io import InputError, read_jsonl
 from cme_rewards.models import BUILTIN_VERIFIERS, cached_model_dir
+from cme_rewards.options import OptionError, ScorerOptions, describe, from_strings
 from cme_rewards.trl import AsyncCMEReward, CMEReward, LengthPenalty
 
 PAPER_DEFAULTS: dict[str, Any] = {
@@ -40,21 +45,33 @@ PAPER_DEFAULTS: dict[str, Any] = {
 INSTRUCT_BETA = 0.01
 
 
+OPTION_PREFIX = "cme_"
+"""Script arguments ``--cme_<option>`` carry ``ScorerOptions.<option>`` (``--verifier`` keeps its name)."""
+
+
+def script_name(option: str) -> str:
+    """The script's argument for a scorer option: ``verifier``, else ``cme_<option>``."""
+    return option if option == "verifier" else OPTION_PREFIX + option
+
+
+def _scorer_fields() -> list[tuple[str, Any, Any]]:
+    """``(name, type, field)`` of every ``ScorerOptions`` field for ``HfArgumentParser``.
+
+    Each is read as text (``None``: not given) and parsed and checked by ``ScorerOptions`` itself,
+    so a bad value gets the same message as on every other surface.
+    """
+    return [
+        (script_name(f.name), str | None, field(default=None, metadata={"help": describe(f)}))
+        for f in dataclasses.fields(ScorerOptions)
+    ]
+
+
 @dataclass
-class CMEScriptArguments:
-    """Arguments of this script beside ``GRPOConfig``'s."""
+class _ScriptOnlyArguments:
+    """Arguments of this script beside ``GRPOConfig``'s and the scorer's options."""
 
     policy: str = field(metadata={"help": "Policy: built-in name, local folder or hub id."})
     prompts: str = field(metadata={"help": "JSONL of prompts ('prompt' or 'messages' per line)."})
-    verifier: str = field(
-        default="smollm2-135m-instruct",
-        metadata={"help": "Verifier (SPEC naming: built-in, .gguf, folder, hub id, random:<...>)."},
-    )
-    verifier_device: str = field(default="auto", metadata={"help": "Device of the verifier."})
-    verifier_dtype: str = field(default="float32", metadata={"help": "Verifier dtype."})
-    verifier_max_length: int = field(
-        default=2048, metadata={"help": "Verifier tokens per prompt+response (cut from the left)."}
-    )
     async_reward: bool = field(
         default=False,
         metadata={"help": "Use the async CME reward (runs beside other async rewards)."},
@@ -67,6 +84,23 @@ class CMEScriptArguments:
     )
     limit: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     save_model: bool = field(default=True, metadata={"help": "Save the trained policy at the end."})
+
+
+CMEScriptArguments = dataclasses.make_dataclass(
+    "CMEScriptArguments",
+    [(f.name, f.type, f) for f in dataclasses.fields(_ScriptOnlyArguments)] + _scorer_fields(),
+    namespace={"__doc__": "This script's arguments: its own, and every CME scorer option."},
+)
+
+
+def scorer_options(args: Any) -> ScorerOptions:
+    """The ``ScorerOptions`` the script's arguments name; :class:`OptionError` spells ``--cme_*``."""
+    given = {
+        f.name: getattr(args, script_name(f.name))
+        for f in dataclasses.fields(ScorerOptions)
+        if getattr(args, script_name(f.name)) is not None
+    }
+    return from_strings(ScorerOptions, given, lambda name: "--" + script_name(name))
 
 
 def resolve_model(name: str) -> str:
@@ -138,18 +172,11 @@ def make_parser():
     return parser
 
 
-def build_rewards(args: CMEScriptArguments, config: Any) -> list[Any]:
+def build_rewards(args: Any, config: Any) -> list[Any]:
     """CME (sync or async) plus, when ``--length_penalty`` > 0, a ``LengthPenalty``; sets
     ``config.reward_weights`` to ``[1, length_penalty]`` unless given."""
     reward_cls = AsyncCMEReward if args.async_reward else CMEReward
-    rewards: list[Any] = [
-        reward_cls(
-            args.verifier,
-            device=args.verifier_device,
-            dtype=args.verifier_dtype,
-            max_length=args.verifier_max_length,
-        )
-    ]
+    rewards: list[Any] = [reward_cls(**dataclasses.asdict(scorer_options(args)))]
     if args.length_penalty > 0:
         rewards.append(LengthPenalty(config.max_completion_length))
         if config.reward_weights is None:
@@ -165,6 +192,7 @@ def run(argv: list[str] | None = None) -> Any:
     from trl import GRPOTrainer
 
     args, config = make_parser().parse_args_and_config(args=argv)
+    scorer_options(args)  # a bad option fails before anything loads
     rows = load_prompts(args.prompts, args.limit)
     policy = resolve_model(args.policy)
     tokenizer = AutoTokenizer.from_pretrained(policy)
@@ -184,11 +212,14 @@ def run(argv: list[str] | None = None) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: 0 on success, 2 with a message for a bad prompt file."""
+    """Command-line entry: 0 on success, 2 with a message for a bad prompt file or option."""
     try:
         run(argv)
     except InputError as exc:
         print(f"error: --prompts: {exc}", file=sys.stderr)
+        return 2
+    except OptionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 
