@@ -17,6 +17,14 @@ SUBCOMMANDS = {
         "cme_rewards.openrlhf.cli",
         "print the reward_func file to pass to OpenRLHF's --reward.remote_url",
     ),
+    "agreement": (
+        "cme_rewards.agreement.cli",
+        "does a verifier's reward agree with a judge's preferences? (controls, variants, intervals)",
+    ),
+    "doctor": (
+        "cme_rewards.doctor",
+        "versions, framework plugins, and a probe of the verifier on this machine",
+    ),
 }
 
 
