@@ -75,6 +75,8 @@ class BatchedScorer:
         Raises the first transient exception, :class:`cme_rewards.batching.TooManyItems`, or
         ``TimeoutError`` when ``timeout`` seconds pass before every result is in.
         """
+        if not samples:
+            return []
         futures = self.batcher.submit_many(samples, [self.cost(s) for s in samples])
         try:
             _, pending = concurrent.futures.wait(futures, timeout)
@@ -85,7 +87,12 @@ class BatchedScorer:
             self.batcher.withdraw(futures)
 
     async def score_many_async(self, samples: Sequence[Sample]) -> list[CMEResult]:
-        """:meth:`score_many` from a coroutine; tokenization runs in a worker thread."""
+        """:meth:`score_many` from a coroutine; tokenization runs in a worker thread.
+
+        Cancelling the coroutine takes its waiting samples out of the queue (never computed).
+        """
+        if not samples:
+            return []
         costs = await asyncio.to_thread(lambda: [self.cost(s) for s in samples])
         futures = self.batcher.submit_many(samples, costs)
         try:

@@ -81,14 +81,14 @@ def clean_response(text: str, special_tokens: Iterable[str] = ()) -> str:
     for token in special_tokens:
         if token:
             text = text.replace(token, "")
-    stripped = True
-    while stripped:
+    end, stripped = len(text), True
+    while stripped:  # one pass over the trailing markers, no copies: linear in the text
         stripped = False
         for marker in GENERATOR_END_MARKERS:
-            if text.endswith(marker):
-                text = text[: -len(marker)]
+            if text.endswith(marker, 0, end):
+                end -= len(marker)
                 stripped = True
-    return text
+    return text[:end]
 
 
 def render_prompt(
@@ -120,7 +120,7 @@ def render_prompt(
     return ids
 
 
-def _is_text(text: str) -> bool:
+def is_text(text: str) -> bool:
     """Whether ``text`` is valid Unicode (no lone surrogates, which no tokenizer accepts)."""
     try:
         text.encode("utf-8")
@@ -132,14 +132,14 @@ def _is_text(text: str) -> bool:
 def prompt_problem(prompt: Prompt) -> str | None:
     """Why ``prompt`` cannot be rendered (not text or messages, lone surrogates), or ``None``."""
     if isinstance(prompt, str):
-        return None if _is_text(prompt) else "undecodable text in prompt"
+        return None if is_text(prompt) else "undecodable text in prompt"
     if isinstance(prompt, list | tuple) and prompt:
         for k, message in enumerate(prompt):
             if not isinstance(message, dict) or not isinstance(message.get("content"), str):
                 return f"prompt message {k} has no string content"
             if not isinstance(message.get("role"), str):
                 return f"prompt message {k} has no string role"
-            if not (_is_text(message["content"]) and _is_text(message["role"])):
+            if not (is_text(message["content"]) and is_text(message["role"])):
                 return f"undecodable text in prompt message {k}"
         return None
     return "prompt must be text or a non-empty list of chat messages"
@@ -148,11 +148,21 @@ def prompt_problem(prompt: Prompt) -> str | None:
 def encode_sample(
     tokenizer: PreTrainedTokenizerBase, prompt: Prompt, response: str, options: ScorerOptions
 ) -> VerifierInput:
-    """:func:`build_verifier_input` with a scorer's options (local and remote verifiers alike)."""
-    return build_verifier_input(
+    """:func:`build_group_inputs` for one sample, with a scorer's options (local and remote alike)."""
+    return encode_group(tokenizer, prompt, [response], options)[0]
+
+
+def encode_group(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: Prompt,
+    responses: Sequence[str],
+    options: ScorerOptions,
+) -> list[VerifierInput]:
+    """:func:`build_group_inputs` with a scorer's options."""
+    return build_group_inputs(
         tokenizer,
         prompt,
-        response,
+        responses,
         max_length=options.max_length,
         prompt_template=options.prompt_template,
         chat_template=options.chat_template,
@@ -165,48 +175,50 @@ def build_verifier_input(
     tokenizer: PreTrainedTokenizerBase,
     prompt: Prompt,
     response: str,
+    **kwargs: Any,
+) -> VerifierInput:
+    """The verifier's ids for one (prompt, response): :func:`build_group_inputs` of one response."""
+    return build_group_inputs(tokenizer, prompt, [response], **kwargs)[0]
+
+
+def build_group_inputs(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: Prompt,
+    responses: Sequence[str],
     *,
     max_length: int = 2048,
     prompt_template: str | None = None,
     chat_template: str | None = None,
     score_eos: bool = False,
     strip_special_tokens: Iterable[str] = (),
-) -> VerifierInput:
-    """Build the verifier's ids for (prompt, response) and mark the scored positions.
+) -> list[VerifierInput]:
+    """Build the verifier's ids for responses to one prompt and mark the scored positions.
 
-    ``response`` is text as the generator produced it (decoded without special tokens, or with
-    them: see ``clean_response``). Returns a ``VerifierInput`` with ``error`` set (no exception)
-    for a sample that can never be scored: an empty response, undecodable text, a prompt the
-    chat template rejects.
+    Each response is text as the generator produced it (decoded without special tokens, or with
+    them: see ``clean_response``). The prompt is rendered once and, when prompt + the longest
+    response exceed ``max_length``, cut from the left once for all of them, so every member keeps
+    the same prefix (with one response this is the per-sample rule). A sample that can never be
+    scored gets a ``VerifierInput`` with ``error`` set (no exception): an empty response,
+    undecodable text, a prompt the chat template rejects.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    if not _is_text(response):
-        return VerifierInput([], 0, error="undecodable text in response")
-    if (problem := prompt_problem(prompt)) is not None:
-        return VerifierInput([], 0, error=problem)
-    try:
-        prompt_ids = render_prompt(
-            tokenizer, prompt, prompt_template=prompt_template, chat_template=chat_template
-        )
-    except TemplateError as exc:
-        return VerifierInput(
-            [], 0, error=f"the verifier's chat template rejects the prompt: {exc}"[:300]
-        )
-    text = clean_response(response, strip_special_tokens)
-    response_ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-    if not response_ids:
-        return VerifierInput(prompt_ids, len(prompt_ids), error="empty response")
-    if score_eos and tokenizer.eos_token_id is not None:
-        response_ids = [*response_ids, tokenizer.eos_token_id]
-    truncated = False
-    if len(response_ids) > max_length - 1:
-        response_ids = response_ids[: max_length - 1]
-        truncated = True
-    budget = max_length - len(response_ids)
+    failed = _prompt_failure(tokenizer, prompt, prompt_template, chat_template)
+    if isinstance(failed, str):
+        return [VerifierInput([], 0, error=failed) for _ in responses]
+    prompt_ids = failed
+    bodies: list[list[int] | str] = []
+    truncated: list[bool] = []
+    for response in responses:
+        ids = _response_ids(tokenizer, response, score_eos, strip_special_tokens)
+        cut = isinstance(ids, list) and len(ids) > max_length - 1
+        bodies.append(ids[: max_length - 1] if cut else ids)
+        truncated.append(cut)
+    longest = max((len(b) for b in bodies if isinstance(b, list)), default=0)
+    budget = max_length - longest
     if len(prompt_ids) > budget:
         prompt_ids = prompt_ids[-budget:]
-        truncated = True
+        truncated = [True] * len(bodies)
     if not prompt_ids:
         # A prompt that renders to nothing: the first response token has no context to be scored
         # from, so the BOS (or, lacking one, the EOS) token stands in for it.
@@ -214,9 +226,51 @@ def build_verifier_input(
             tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         )
         if fallback is None:
-            return VerifierInput([], 0, error="empty prompt and the verifier has no BOS token")
+            return [
+                VerifierInput([], 0, error="empty prompt and the verifier has no BOS token")
+                for _ in responses
+            ]
         prompt_ids = [fallback]
-        if len(prompt_ids) + len(response_ids) > max_length:
-            response_ids = response_ids[: max_length - 1]
-            truncated = True
-    return VerifierInput([*prompt_ids, *response_ids], len(prompt_ids), truncated)
+        bodies = [b[: max_length - 1] if isinstance(b, list) else b for b in bodies]
+    out = []
+    for body, cut in zip(bodies, truncated, strict=True):
+        if isinstance(body, str):
+            out.append(VerifierInput(list(prompt_ids), len(prompt_ids), error=body))
+        else:
+            out.append(VerifierInput([*prompt_ids, *body], len(prompt_ids), cut))
+    return out
+
+
+def _prompt_failure(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: Prompt,
+    prompt_template: str | None,
+    chat_template: str | None,
+) -> list[int] | str:
+    """The prompt's ids, or why it cannot be rendered."""
+    if (problem := prompt_problem(prompt)) is not None:
+        return problem
+    try:
+        return render_prompt(
+            tokenizer, prompt, prompt_template=prompt_template, chat_template=chat_template
+        )
+    except TemplateError as exc:
+        return f"the verifier's chat template rejects the prompt: {exc}"[:300]
+
+
+def _response_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    response: str,
+    score_eos: bool,
+    strip_special_tokens: Iterable[str],
+) -> list[int] | str:
+    """The response's scored ids (EOS appended with ``score_eos``), or why it cannot be scored."""
+    if not is_text(response):
+        return "undecodable text in response"
+    text = clean_response(response, strip_special_tokens)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    if not ids:
+        return "empty response"
+    if score_eos and tokenizer.eos_token_id is not None:
+        ids = [*ids, tokenizer.eos_token_id]
+    return ids

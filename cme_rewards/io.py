@@ -20,6 +20,13 @@ class InputError(ValueError):
     """Malformed input; the message names the file, line and field."""
 
 
+def shown(value: object) -> str:
+    """``str(value)`` when every character of it prints, else its ``repr``: how messages and logs
+    show a path or name that came from the user (a newline in it cannot forge a line)."""
+    text = str(value)
+    return text if text.isprintable() else repr(text)
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
 
@@ -34,13 +41,14 @@ def read_jsonl(
     """
     parse_constant = None if allow_nan else _no_constant
     path = Path(path)
+    where = shown(path)
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise InputError(
-                    f"{path}:{lineno}: not valid UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})"
+                    f"{where}:{lineno}: not valid UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})"
                 ) from None
             if not text.strip():
                 continue
@@ -48,13 +56,15 @@ def read_jsonl(
                 record = json.loads(text, parse_constant=parse_constant)
             except json.JSONDecodeError as exc:
                 raise InputError(
-                    f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})"
+                    f"{where}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})"
                 ) from None
-            except ValueError as exc:
-                raise InputError(f"{path}:{lineno}: {exc}") from None
+            except RecursionError:
+                raise InputError(f"{where}:{lineno}: malformed JSON (nested too deeply)") from None
+            except ValueError as exc:  # NaN / Infinity, or an integer of more than 4300 digits
+                raise InputError(f"{where}:{lineno}: {exc}") from None
             if not isinstance(record, dict):
                 raise InputError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}"
+                    f"{where}:{lineno}: expected a JSON object, got {type(record).__name__}"
                 )
             yield lineno, record
 
@@ -67,12 +77,12 @@ def check_output_path(path: str | os.PathLike) -> None:
     """
     path = Path(path)
     if path.is_dir():
-        raise InputError(f"{path}: is a folder, not a file")
+        raise InputError(f"{shown(path)}: is a folder, not a file")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise InputError(f"{path}: cannot write here ({exc.strerror or exc})") from None
+        raise InputError(f"{shown(path)}: cannot write here ({exc.strerror or exc})") from None
     os.close(fd)
     Path(tmp).unlink(missing_ok=True)
 

@@ -86,7 +86,7 @@ def _gguf_fingerprint(path: Path) -> str:
 def _load_gguf_tokenizer(path: Path) -> Tokenizer:
     """The GGUF's tokenizer; SentencePiece-BPE ones (Gemma) are rebuilt by ``gguf_tokenizer``, since
     transformers < 5.24 builds a wrong Unigram model from them, which silently changes every
-    log-prob (ENVIRONMENT.md)."""
+    log-prob."""
     from cme_rewards.gguf_tokenizer import (
         is_sentencepiece_bpe,
         read_gguf_vocab,
@@ -104,7 +104,7 @@ def convert_gguf(path: str | os.PathLike) -> Path:
     target = cache_root() / _gguf_fingerprint(path)
     if (target / "config.json").exists():
         return target
-    logger.info("converting %s to a transformers folder in %s (once)", path, target)
+    logger.info("converting %r to a transformers folder in %r (once)", str(path), str(target))
     model = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
     )

@@ -365,7 +365,7 @@ def markdown_table(cls: type) -> str:
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 IMPLS = ("auto", "torch", "triton")
-REDUCTIONS = ("mean", "sum", "min_k", "pmi")
+REDUCTIONS = ("mean", "sum", "min_k", "pmi", "pmi_sum")
 
 
 def _check_device(device: str) -> str | None:
@@ -465,7 +465,8 @@ class ScorerOptions:
     reduction: str = option(
         "mean",
         "how token log-probs become the reward: mean (CME), sum, min_k (mean of the lowest "
-        "min_k_percent), pmi (mean given the prompt minus mean without it)",
+        "min_k_percent), pmi (mean given the prompt minus mean without it), pmi_sum (the same "
+        "difference summed over tokens: log q(y|x) - log q(y))",
         choices=REDUCTIONS,
     )
     min_k_percent: float = option(
@@ -483,7 +484,7 @@ class ScorerOptions:
     floor: float = option(
         -50.0,
         "reward of a sample that cannot be scored when its group is unknown, per token "
-        "(reduction=sum: times max_length)",
+        "(reduction=sum or pmi_sum: times max_length)",
         unit="nats",
         check=finite,
     )
@@ -571,5 +572,5 @@ class ScorerOptions:
         return dataclasses.replace(self, **changes)
 
     def floor_reward(self) -> float:
-        """The fixed floor reward (nats) for this reduction: ``floor``, times ``max_length`` for sum."""
-        return self.floor * self.max_length if self.reduction == "sum" else self.floor
+        """The fixed floor reward (nats) for this reduction: ``floor``, times ``max_length`` for the sums."""
+        return self.floor * self.max_length if self.reduction in ("sum", "pmi_sum") else self.floor

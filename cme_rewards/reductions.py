@@ -8,7 +8,10 @@ Reductions (``ScorerOptions.reduction``), over the ``n`` scored response tokens,
   Min-K% statistic: how bad the response's worst tokens are);
 - ``pmi``: ``mean`` given the prompt minus ``mean`` of the same response tokens after an empty
   prompt in the same format (how much the prompt explains the response; predictable style alone
-  cancels out).
+  cancels out);
+- ``pmi_sum``: the same difference summed over the response's tokens, ``log q(y | x) - log q(y)``:
+  the total information the prompt gives about the response, which grows with every token that
+  answers the prompt and shrinks with tokens that would be written whatever was asked.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ def reduce_token_logprobs(
     """Reduce one response's token log-probs ``[n_tokens]`` (nats) to its reward.
 
     ``unconditional`` (``[n_tokens]``, nats) are the same tokens' log-probs without the prompt,
-    needed by ``pmi``. Returns ``(reward, None)``, or ``(None, reason)`` when the response has
-    fewer than ``min_tokens`` scored tokens or a log-prob is not finite. Never NaN.
+    needed by ``pmi`` and ``pmi_sum``. Returns ``(reward, None)``, or ``(None, reason)`` when the
+    response has fewer than ``min_tokens`` scored tokens or a log-prob is not finite. Never NaN.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -56,12 +59,14 @@ def reduce_token_logprobs(
         k = max(1, math.ceil(min_k_percent / 100 * n))
         return float(values.sort().values[:k].mean()), None
     if unconditional is None:
-        raise ValueError("reduction pmi needs the unconditional log-probs")
+        return None, "no log-probs of the response without the prompt"
     base = torch.as_tensor(unconditional, dtype=torch.float64).flatten()
     if base.numel() != n:
         raise ValueError(f"pmi: {base.numel()} unconditional log-probs for {n} tokens")
     if not bool(torch.isfinite(base).all()):
         return None, "non-finite log-prob from verifier (without the prompt)"
+    if reduction == "pmi_sum":
+        return float(values.sum() - base.sum()), None
     return float(values.mean() - base.mean()), None
 
 

@@ -19,16 +19,36 @@ Wire formats:
   ``[logprob, token_id, text]`` aligned with ``input_ids[logprob_start_len:]`` whose first logprob
   is always ``null``. Start-up check: ``GET {url}/get_model_info`` (``is_generation`` must be true).
 
+Start-up check (:meth:`RemoteVerifier.check`): the server answers and serves a generative model;
+the client-side tokenizer is the served model's (vLLM: ``POST {url}/tokenize`` of
+:data:`PROBE_TEXT`; SGLang: the input ids ``/generate`` reports for the same text), else
+:class:`RemoteConfigError` naming ``verifier`` with both names. vLLM's ``/v1/models`` gives the
+model's ``max_model_len``: ``max_length`` is lowered (with a warning) so that a sample plus the one
+generated token always fits, samples are cut from the left as the local scorer cuts them, and no
+request is ever rejected for its length.
+
+Servers' conventions, read back as the local scorer would see them: vLLM clamps a ``-inf``
+log-prob to ``-9999.0`` for JSON, so ``-9999.0`` is read as ``-inf``; SGLang serialises ``-inf``
+as ``null`` (read as ``-inf``) and reports input token ids at or above ``vocab_size - 1`` as ``0``
+(accepted for the tokenizer's last id). A non-finite log-prob gives the floor with the local
+scorer's error, "non-finite log-prob from verifier".
+
 Failures: connection errors, timeouts and 5xx answers are retried on :mod:`cme_rewards.retry`'s
-schedule; when ``max_retries`` tries all fail, :class:`RemoteVerifierUnavailable` is raised (the verifier is down:
-not a property of one sample). A 4xx answer or a malformed answer for one sample, or a sample that
-can never be scored (empty response), gives the floor reward with ``error`` set.
+schedule. When ``max_retries`` tries of a scoring request all get a 5xx answer, one small probe
+request tells a sample the server rejects from a server in trouble: veRL's reward-model router
+(``verl/experimental/reward_loop/router/naive_router.py``) turns a server's 4xx into a 500 without
+its message, so a server that answers the probe has rejected this sample, which gets the floor with
+``error`` set. Otherwise, and when connections fail, :class:`RemoteVerifierUnavailable` is raised
+(the verifier is down: not a property of one sample). A 4xx answer or a malformed answer for one
+sample, or a sample that can never be scored (empty response), gives the floor reward with
+``error`` set.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +78,18 @@ class RemoteVerifierUnavailable(RuntimeError):
 
 
 class _ServerTrouble(TransientError):
-    """One failed attempt that may pass: connection error, timeout, 5xx."""
+    """One failed attempt that may pass: connection error, timeout, 5xx (``status``)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+PROBE_TEXT = "The capital of France is Paris. Zürich, 東京 and Привет: 12345 + 0.5 = <ok>\n"
+"""Text both tokenizers must split identically at start-up (a few scripts, digits, markup)."""
+
+VLLM_LOGPROB_FLOOR = -9999.0
+"""vLLM's JSON stand-in for a ``-inf`` log-prob (its OpenAI server clamps with ``max(lp, -9999.0)``)."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +148,7 @@ class RemoteVerifier:
         ).rstrip("/")
         self.tokenizer = tokenizer
         self.model = self.remote.model
+        self.max_model_len: int | None = None
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
 
@@ -127,13 +159,16 @@ class RemoteVerifier:
         return encode_sample(self.tokenizer, prompt, response, self.options)
 
     async def check(self) -> None:
-        """Start-up check: the server answers and serves a generative model.
+        """Start-up check (see the module docstring).
 
-        Raises :class:`RemoteConfigError` naming ``url`` (unreachable, wrong kind of server) or
-        ``model`` (not served).
+        Raises :class:`RemoteConfigError` naming ``url`` (unreachable, wrong kind of server),
+        ``model`` (not served) or ``verifier`` (the tokenizer is not the served model's); lowers
+        ``max_length`` to the served context (see the module docstring).
         """
         try:
             await self._check()
+            self._check_length()
+            await self._check_tokenizer()
         except RemoteVerifierUnavailable as exc:
             raise RemoteConfigError(
                 "url", f"no {self.backend} server answers at {self.url} ({exc})"
@@ -143,20 +178,86 @@ class RemoteVerifier:
                 "url", f"{self.url} is not a {self.backend} server: {exc}"
             ) from exc
 
-    async def score(self, prompt: Prompt, response: str, *, id: str | None = None) -> CMEResult:
-        """The reward (nats) of one response; floor with ``error`` for a sample that cannot be scored."""
+    def _check_length(self) -> None:
+        """Fit ``max_length`` (plus the one generated token) into the served ``max_model_len``."""
+        if self.max_model_len is not None and self.options.max_length + 1 > self.max_model_len:
+            if self.max_model_len < 3:
+                raise RemoteConfigError(
+                    "url", f"{self.served_name()!r} has max_model_len={self.max_model_len}"
+                )
+            logger.warning(
+                "max_length=%d: %r at %s has max_model_len=%d (one token is generated), so the "
+                "verifier sees at most %d tokens; longer samples are cut from the left (truncated)",
+                self.options.max_length,
+                self.served_name(),
+                self.url,
+                self.max_model_len,
+                self.max_model_len - 1,
+            )
+            self.options = self.options.replace(max_length=self.max_model_len - 1)
+
+    async def _check_tokenizer(self) -> None:
+        """Raise :class:`RemoteConfigError` (``verifier``) when the server splits
+        :data:`PROBE_TEXT` into other ids than the client-side tokenizer does."""
+        try:
+            theirs, ours = await self._probe_tokens()
+        except (_SampleError, RemoteVerifierUnavailable) as exc:
+            logger.warning(
+                "%s at %r: cannot compare tokenizers (%r); make sure %r is the served model's",
+                self.backend,
+                self.url,
+                exc,
+                self.verifier_name,
+            )
+            return
+        if theirs != ours:
+            at = next(
+                (i for i, (a, b) in enumerate(zip(theirs, ours, strict=False)) if a != b), None
+            )
+            at = min(len(theirs), len(ours)) if at is None else at
+            raise RemoteConfigError(
+                "verifier",
+                f"the tokenizer of {self.verifier_name!r} (client side) does not match the model "
+                f"{self.served_name()!r} served at {self.url}: {PROBE_TEXT!r} gives "
+                f"{ours[max(0, at - 2) : at + 4]}... here and {theirs[max(0, at - 2) : at + 4]}... "
+                f"there (first difference at token {at}); name the served model's tokenizer",
+            )
+
+    def served_name(self) -> str:
+        """The served model's name as the server reports it (or the URL)."""
+        return self.model or self.url
+
+    async def score(
+        self,
+        prompt: Prompt,
+        response: str,
+        *,
+        id: str | None = None,
+        keep_token_logprobs: bool = False,
+    ) -> CMEResult:
+        """The reward (nats) of one response; floor with ``error`` for a sample that cannot be scored.
+
+        ``keep_token_logprobs`` keeps the per-token log-probs (nats) in the result.
+        """
         inp = self.encode(prompt, response)
         if inp.error is not None:
             return finish_sample(inp, None, self.options, id=id)
         try:
             logprobs = await self._response_logprobs(inp)
             unconditional = None
-            if self.options.reduction == "pmi":
+            if self.options.reduction.startswith("pmi"):  # pmi, pmi_sum: also without the prompt
                 bare = self.encode(EMPTY_PROMPT, response)
                 unconditional = await self._response_logprobs(bare)
         except _SampleError as exc:
             return floored(str(exc)[:300], self.options, id=id, truncated=inp.truncated)
-        return finish_sample(inp, logprobs, self.options, id=id, unconditional=unconditional)
+        return finish_sample(
+            inp,
+            logprobs,
+            self.options,
+            id=id,
+            unconditional=unconditional,
+            keep_token_logprobs=keep_token_logprobs,
+        )
 
     async def score_many(
         self,
@@ -188,9 +289,22 @@ class RemoteVerifier:
     async def _check(self) -> None:
         raise NotImplementedError
 
+    async def _probe_tokens(self) -> tuple[list[int], list[int]]:
+        """``(server's ids, client's ids)`` of :data:`PROBE_TEXT`."""
+        raise NotImplementedError
+
+    def _probe_request(self) -> tuple[str, dict]:
+        """``(path, payload)`` of a tiny scoring request any healthy server answers."""
+        raise NotImplementedError
+
     async def _response_logprobs(self, inp: VerifierInput) -> list[float]:
         """Log-probs (nats) of ``inp.input_ids[inp.n_prompt:]``, ``[n_scored]``."""
         raise NotImplementedError
+
+    def _probe_ids(self) -> list[int]:
+        ids = self.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"][:4]
+        bos = self.tokenizer.bos_token_id
+        return ([bos] if bos is not None else []) + ids
 
     # -- HTTP ------------------------------------------------------------------------------------
 
@@ -204,8 +318,14 @@ class RemoteVerifier:
             self._session_loop = loop
         return self._session
 
-    async def _request(self, method: str, path: str, payload: dict | None = None) -> Any:
-        """JSON answer of ``method {url}{path}``; retries transient trouble (see module docstring)."""
+    async def _request(
+        self, method: str, path: str, payload: dict | None = None, *, per_sample: bool = False
+    ) -> Any:
+        """JSON answer of ``method {url}{path}``; retries transient trouble (see module docstring).
+
+        ``per_sample``: the request scores one sample; when every try got a 5xx answer and the
+        server answers a probe request, the sample was rejected: :class:`_SampleError`.
+        """
         url = f"{self.url}{path}"
         try:
             return await retry_async(
@@ -214,15 +334,42 @@ class RemoteVerifier:
                 tries=self.remote.max_retries,
             )
         except _ServerTrouble as exc:
+            if per_sample and exc.status is not None and await self._answers_probe():
+                raise _SampleError(
+                    f"{self.backend} answered {exc} on {self.remote.max_retries} tries for this "
+                    "sample while answering a probe request, so it rejects this sample (veRL's "
+                    "router passes a server's 4xx on as a 500; its log holds the reason)"
+                ) from exc
             raise RemoteVerifierUnavailable(
                 f"{method} {url} failed {self.remote.max_retries} times; last error: {exc}"
             ) from exc
+
+    async def _answers_probe(self) -> bool:
+        """Whether the server answers one small, well-formed scoring request."""
+        path, payload = self._probe_request()
+        try:  # twice: a server may close the connection after a 500, and the pool reuses it
+            await retry_async(
+                lambda: self._attempt("POST", f"{self.url}{path}", payload),
+                what=f"probe {self.url}{path}",
+                tries=2,
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure means: not healthy
+            logger.warning(
+                "%s at %r does not answer a probe request either: %r",
+                self.backend,
+                self.url,
+                str(exc),
+            )
+            return False
+        return True
 
     async def _attempt(self, method: str, url: str, payload: dict | None) -> Any:
         try:
             async with self._client().request(method, url, json=payload) as resp:
                 if resp.status >= 500:
-                    raise _ServerTrouble(f"HTTP {resp.status}: {(await resp.text())[:200]}")
+                    raise _ServerTrouble(
+                        f"HTTP {resp.status}: {(await resp.text())[:200]}", status=resp.status
+                    )
                 if resp.status >= 400:
                     raise _SampleError(
                         f"{self.backend} HTTP {resp.status}: {(await resp.text())[:200]}"
@@ -255,28 +402,54 @@ class VLLMVerifier(RemoteVerifier):
             raise RemoteConfigError(
                 "model", f"{self.model!r} is not served at {self.url}; it serves {served}"
             )
+        entry = next(m for m in answer["data"] if m["id"] == self.model)
+        if isinstance(entry.get("max_model_len"), int):
+            self.max_model_len = entry["max_model_len"]
 
-    async def _response_logprobs(self, inp: VerifierInput) -> list[float]:
-        if self.model is None:
-            await self._check()
-        payload = {
+    async def _probe_tokens(self) -> tuple[list[int], list[int]]:
+        payload = {"model": self.model, "prompt": PROBE_TEXT, "add_special_tokens": False}
+        answer = await self._request("POST", "/tokenize", payload)
+        try:
+            theirs = [int(t) for t in answer["tokens"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _SampleError(f"/tokenize answer without tokens: {exc!r}") from exc
+        return theirs, list(self.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"])
+
+    def _payload(self, ids: list[int]) -> dict:
+        return {
             "model": self.model,
-            "prompt": inp.input_ids,
+            "prompt": ids,
             "max_tokens": 1,
             "temperature": 0.0,
             "prompt_logprobs": 0,
         }
-        answer = await self._request("POST", "/v1/completions", payload)
+
+    def _probe_request(self) -> tuple[str, dict]:
+        return "/v1/completions", self._payload(self._probe_ids())
+
+    async def _response_logprobs(self, inp: VerifierInput) -> list[float]:
+        if self.model is None:
+            await self._check()
+        if self.max_model_len is not None and len(inp.input_ids) + 1 > self.max_model_len:
+            raise _SampleError(
+                f"{len(inp.input_ids)} verifier tokens plus one generated exceed the server's "
+                f"max_model_len={self.max_model_len} (not sent)"
+            )
+        answer = await self._request(
+            "POST", "/v1/completions", self._payload(inp.input_ids), per_sample=True
+        )
         try:
             entries = answer["choices"][0]["prompt_logprobs"]
             if len(entries) != len(inp.input_ids):
                 raise ValueError(f"{len(entries)} prompt_logprobs for {len(inp.input_ids)} tokens")
-            return [
+            values = [
                 float(entries[i][str(inp.input_ids[i])]["logprob"])
                 for i in range(inp.n_prompt, len(inp.input_ids))
             ]
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise _SampleError(f"vllm answer without usable prompt_logprobs: {exc!r}") from exc
+        # vLLM writes -inf as -9999.0 (JSON has no infinity): read it back as the scorer sees it.
+        return [-math.inf if v <= VLLM_LOGPROB_FLOOR else v for v in values]
 
 
 class SGLangVerifier(RemoteVerifier):
@@ -293,16 +466,40 @@ class SGLangVerifier(RemoteVerifier):
                 "url",
                 f"the SGLang server at {self.url} serves a non-generative model (no log-probs)",
             )
+        if isinstance(info.get("model_path"), str):
+            self.model = self.model or info["model_path"]
 
-    async def _response_logprobs(self, inp: VerifierInput) -> list[float]:
-        start = inp.n_prompt - 1  # the entry at logprob_start_len is always null
-        payload = {
-            "input_ids": inp.input_ids,
+    @staticmethod
+    def _payload(start: int, **inputs: Any) -> dict:
+        return {
+            **inputs,
             "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
             "return_logprob": True,
             "logprob_start_len": start,
         }
-        answer = await self._request("POST", "/generate", payload)
+
+    def _same_id(self, reported: int, sent: int) -> bool:
+        # SGLang reports ids >= vocab_size - 1 as 0 (its guard for image-pad hashes).
+        return reported == sent or (reported == 0 and sent >= len(self.tokenizer) - 1)
+
+    async def _probe_tokens(self) -> tuple[list[int], list[int]]:
+        answer = await self._request("POST", "/generate", self._payload(0, text=PROBE_TEXT))
+        try:
+            theirs = [int(e[1]) for e in answer["meta_info"]["input_token_logprobs"]]
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise _SampleError(f"/generate answer without input_token_logprobs: {exc!r}") from exc
+        ours = list(self.tokenizer(PROBE_TEXT)["input_ids"])  # SGLang adds special tokens to text
+        if len(theirs) == len(ours):
+            theirs = [o if self._same_id(t, o) else t for t, o in zip(theirs, ours, strict=True)]
+        return theirs, ours
+
+    def _probe_request(self) -> tuple[str, dict]:
+        return "/generate", self._payload(0, input_ids=self._probe_ids())
+
+    async def _response_logprobs(self, inp: VerifierInput) -> list[float]:
+        start = inp.n_prompt - 1  # the entry at logprob_start_len is always null
+        payload = self._payload(start, input_ids=inp.input_ids)
+        answer = await self._request("POST", "/generate", payload, per_sample=True)
         try:
             entries = answer["meta_info"]["input_token_logprobs"]
             if len(entries) != len(inp.input_ids) - start:
@@ -313,9 +510,10 @@ class SGLangVerifier(RemoteVerifier):
             for (logprob, token_id, *_), want in zip(
                 entries[1:], inp.input_ids[inp.n_prompt :], strict=True
             ):
-                if int(token_id) != want:
+                if not self._same_id(int(token_id), want):
                     raise ValueError(f"token id {token_id} where {want} was sent")
-                out.append(float(logprob))
+                # SGLang's JSON writes -inf (and NaN) as null: read it as the scorer sees it.
+                out.append(-math.inf if logprob is None else float(logprob))
             return out
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise _SampleError(

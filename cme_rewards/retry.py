@@ -42,7 +42,9 @@ def _should_retry(exc: BaseException, attempt: int, tries: int, what: str, trans
     if not transient(exc) or attempt + 1 >= tries:
         raise exc
     delay = backoff_delay(attempt)
-    logger.warning("%s: %s; retry %d of %d in %.1f s", what, exc, attempt + 1, tries - 1, delay)
+    logger.warning(
+        "%s: %r; retry %d of %d in %.1f s", what, str(exc), attempt + 1, tries - 1, delay
+    )
     return delay
 
 

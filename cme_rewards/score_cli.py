@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cme_rewards.io import InputError, atomic_write_jsonl, check_output_path, read_jsonl
+from cme_rewards.io import InputError, atomic_write_jsonl, check_output_path, read_jsonl, shown
 from cme_rewards.options import OptionError, ScorerOptions, add_arguments, flag, from_namespace
 
 
@@ -84,10 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cme-rewards score: error: {exc}", file=sys.stderr)
         return 2
     try:
-        records = list(read_jsonl(args.input))
+        where = shown(args.input)
+        records, samples = [], []
+        for lineno, record in read_jsonl(args.input):  # the first bad line is the one named
+            samples.append(parse_sample(record, f"{where}:{lineno}"))
+            records.append((lineno, record))
         if not records:
-            raise InputError(f"{args.input}: no records")
-        samples = [parse_sample(record, f"{args.input}:{lineno}") for lineno, record in records]
+            raise InputError(f"{where}: no records")
         check_output_path(args.output)
     except (InputError, OSError) as exc:
         print(f"cme-rewards score: error: {exc}", file=sys.stderr)
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     n_err = sum(res.error is not None for res in results)
     mean = sum(res.cme for res in results if res.error is None) / max(1, len(results) - n_err)
     print(
-        f"scored {len(results)} samples with {scorer.verifier_name} -> {args.output} "
+        f"scored {len(results)} samples with {shown(scorer.verifier_name)} -> {shown(args.output)} "
         f"(mean reward {mean:.4f} nats, {n_err} at the floor)",
         file=sys.stderr,
     )

@@ -1,7 +1,16 @@
-"""``CMEScorer``: the verifier, its prompt format and length-sorted micro-batches behind one call."""
+"""``CMEScorer``: the verifier, its prompt format and its forward passes behind one call.
+
+How a call runs: samples are encoded (grouped by prompt when ``share_prefix``, so each group's
+prompt is rendered, cut and computed once), planned into length-sorted micro-batches of at most
+``token_budget`` padded tokens, run through the verifier body (:mod:`cme_rewards.forward`), and
+the output head is applied only at the scored positions; each sample is then finished in one place
+(:func:`cme_rewards.results.finish_sample`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import threading
 from collections.abc import Hashable, Sequence
@@ -12,15 +21,19 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
-from cme_rewards.formatting import EMPTY_PROMPT, Prompt, VerifierInput, encode_sample
-from cme_rewards.models import load_verifier
-from cme_rewards.ops import (
-    check_triton_head,
-    linear_token_logprobs,
-    select_impl,
-    token_logprobs,
-    warm_up_triton_head,
+from cme_rewards.formatting import EMPTY_PROMPT, Prompt, VerifierInput, encode_group
+from cme_rewards.forward import (
+    Head,
+    forward_samples,
+    forward_shared,
+    halve_pieces,
+    halve_samples,
+    plan_pieces,
+    plan_samples,
+    run_halving,
 )
+from cme_rewards.models import load_verifier
+from cme_rewards.ops import check_triton_head, select_impl, warm_up_triton_head
 from cme_rewards.options import ScorerOptions
 from cme_rewards.results import CMEResult, finish_groups, finish_sample
 
@@ -29,12 +42,32 @@ logger = logging.getLogger(__name__)
 
 CPU_TOKEN_BUDGET = 2048
 """Default padded tokens per CPU forward: larger batches only add padding and cache misses there."""
-GPU_TOKEN_BUDGET = 16384
+GPU_TOKEN_BUDGET_RANGE = (4096, 65536)
+GPU_MEMORY_SHARE = 0.25
+"""Share of the free GPU memory one micro-batch's activations may take (default token budget)."""
 
 
-def default_token_budget(device: torch.device | str) -> int:
-    """Default ``token_budget`` (padded tokens per forward micro-batch) for ``device``."""
-    return CPU_TOKEN_BUDGET if torch.device(device).type == "cpu" else GPU_TOKEN_BUDGET
+def default_token_budget(model: PreTrainedModel, device: torch.device) -> int:
+    """Default ``token_budget`` (padded tokens per micro-batch) of ``model`` on ``device``.
+
+    CPU: 2048. CUDA: what :data:`GPU_MEMORY_SHARE` of the free memory holds, at the bytes one
+    token takes through the body (the MLP's activations and every layer's keys and values),
+    clamped to :data:`GPU_TOKEN_BUDGET_RANGE`; an out-of-memory batch is halved and retried anyway.
+    """
+    if device.type != "cuda":
+        return CPU_TOKEN_BUDGET
+    config = model.config.get_text_config()
+    element = torch.finfo(next(model.parameters()).dtype).bits // 8
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = element * (
+        4 * config.intermediate_size
+        + 8 * config.hidden_size
+        + 2 * config.num_hidden_layers * heads * head_dim
+    )
+    free, _ = torch.cuda.mem_get_info(device)
+    low, high = GPU_TOKEN_BUDGET_RANGE
+    return int(min(high, max(low, GPU_MEMORY_SHARE * free / per_token)))
 
 
 def head_transform_from_config(config: Any) -> tuple[float, float | None]:
@@ -51,6 +84,11 @@ def head_transform_from_config(config: Any) -> tuple[float, float | None]:
     return scale, (float(softcap) if softcap else None)
 
 
+def prompt_key(prompt: Prompt) -> str:
+    """A hashable key equal for equal prompts (text, or lists of chat messages)."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, default=str)
+
+
 class CMEScorer:
     """Scores responses by their mean log-likelihood (nats) under a frozen verifier.
 
@@ -60,7 +98,7 @@ class CMEScorer:
         model, tokenizer: an already-loaded causal LM and its tokenizer (``device``, ``dtype``
             and ``seed`` are then not used: the model stays as it is).
         options: a :class:`ScorerOptions`; keyword ``overrides`` (its field names: ``dtype``,
-            ``max_length``, ``reduction``, ``floor``, ...) replace its values.
+            ``max_length``, ``reduction``, ``floor``, ``share_prefix``, ...) replace its values.
         progress: show a progress bar by default.
 
     Every option is declared once in :class:`ScorerOptions` (types, units, defaults, checks); a bad
@@ -95,23 +133,23 @@ class CMEScorer:
         self.model: PreTrainedModel = model
         self.tokenizer: Tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        self.token_budget = opts.token_budget or default_token_budget(self.device)
+        self.token_budget = opts.token_budget or default_token_budget(model, self.device)
         self.progress = progress
         self._pad_id = next(
             i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None
         )
         self._body = model.get_decoder()
-        head = model.get_output_embeddings()
-        self._head_weight: torch.Tensor = head.weight
-        self._head_bias: torch.Tensor | None = getattr(head, "bias", None)
-        self._logit_scale, self._softcap = head_transform_from_config(model.config)
+        out = model.get_output_embeddings()
+        scale, softcap = head_transform_from_config(model.config)
+        self._head = Head(out.weight, getattr(out, "bias", None), scale, softcap, "torch")
         self._lock = threading.Lock()
         self._fused_head = self._fused_head_matches_model()
         self.impl = self._checked_impl()
+        self._head = dataclasses.replace(self._head, impl=self.impl)
 
     def encode(self, prompt: Prompt, response: str) -> VerifierInput:
         """The verifier's ids and scored positions for one sample (no forward pass)."""
-        return encode_sample(self.tokenizer, prompt, response, self.options)
+        return encode_group(self.tokenizer, prompt, [response], self.options)[0]
 
     def score(
         self,
@@ -126,7 +164,8 @@ class CMEScorer:
         """The reward (nats) of each ``responses[i]`` given ``prompts[i]``, in input order.
 
         ``groups[i]`` (e.g. the prompt id of each of G samples) adds GRPO advantages and the
-        group-relative floor. Samples that cannot be scored get the floor with ``error`` set and a
+        group-relative floor. With ``share_prefix`` (default), responses to the same prompt share
+        one prompt forward. Samples that cannot be scored get the floor with ``error`` set and a
         logged warning naming their id. A sample's value does not depend on the rest of the
         batch. Thread-safe.
         """
@@ -137,95 +176,82 @@ class CMEScorer:
         for i, response in enumerate(responses):
             if not isinstance(response, str):
                 raise TypeError(f"responses[{i}]: expected a string, got {type(response).__name__}")
-        inputs = [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
-        pmi = self.options.reduction == "pmi"
-        bare = (
-            [
-                self.encode(EMPTY_PROMPT, r) if x.error is None else x
-                for x, r in zip(inputs, responses, strict=True)
-            ]
-            if pmi
-            else []
-        )
-        everything = inputs + bare
-        token_lps: list[torch.Tensor | None] = [None] * len(everything)
+        inputs = self._encode_all(prompts, responses)
+        pmi = self.options.reduction.startswith("pmi")  # pmi, pmi_sum: also without the prompt
+        if pmi:  # the same responses after an empty instruction: one more (shared) pass
+            scorable = [i for i, x in enumerate(inputs) if x.error is None]
+            bare = self._encode_all(
+                [EMPTY_PROMPT] * len(scorable), [responses[i] for i in scorable]
+            )
+            bare_of = dict(zip(scorable, range(n, n + len(scorable)), strict=True))
+            inputs = inputs + bare
+        show = self.progress if progress is None else progress
         with self._lock, torch.inference_mode():
-            show = self.progress if progress is None else progress
-            bar = tqdm(total=n, desc="CME scoring", unit="sample", disable=not show)
-            for batch in self._micro_batches(everything):
-                for i, lp in zip(batch, self._forward([everything[i] for i in batch]), strict=True):
-                    token_lps[i] = lp
-                bar.update(sum(i < n for i in batch))
-            bar.update(n - bar.n)
-            bar.close()
+            token_lps = self._logprobs(inputs, show)
         results = [
             finish_sample(
-                inp,
-                token_lps[i],
+                inputs[i],
+                token_lps.get(i),
                 self.options,
                 id=str(ids[i]) if ids is not None else None,
-                unconditional=token_lps[n + i] if pmi else None,
+                unconditional=token_lps.get(bare_of[i]) if pmi and i in bare_of else None,
                 keep_token_logprobs=return_token_logprobs,
             )
-            for i, inp in enumerate(inputs)
+            for i in range(n)
         ]
         if groups is not None:
             finish_groups(results, groups, self.options)
         return results
 
-    def _micro_batches(self, inputs: list[VerifierInput]) -> list[list[int]]:
-        """Indices of scorable samples, longest first, in batches of at most ``token_budget`` padded tokens."""
-        order = sorted(
-            (i for i, x in enumerate(inputs) if x.error is None),
-            key=lambda i: len(inputs[i].input_ids),
-            reverse=True,
-        )
-        batches: list[list[int]] = []
-        for i in order:
-            if (
-                batches
-                and (len(batches[-1]) + 1) * len(inputs[batches[-1][0]].input_ids)
-                <= self.token_budget
-            ):
-                batches[-1].append(i)
-            else:
-                batches.append([i])
-        return batches
+    # -- encoding and forward passes ------------------------------------------------------------
 
-    def _forward(self, batch: list[VerifierInput]) -> list[torch.Tensor]:
-        """Per-sample log-probs ``[n_scored]`` (float32, nats) for one right-padded micro-batch."""
-        width = max(len(x.input_ids) for x in batch)
-        ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        rows, cols = [], []
-        for b, x in enumerate(batch):
-            ids[b, : len(x.input_ids)] = torch.tensor(x.input_ids)
-            mask[b, : len(x.input_ids)] = 1
-            rows.extend([b] * x.n_scored)
-            cols.extend(range(x.n_prompt - 1, len(x.input_ids) - 1))
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        rows_t, cols_t = (
-            torch.tensor(rows, device=self.device),
-            torch.tensor(cols, device=self.device),
-        )
-        targets = ids[rows_t, cols_t + 1]
-        if self._fused_head:
-            hidden = self._body(
-                input_ids=ids, attention_mask=mask, use_cache=False
-            ).last_hidden_state
-            flat = linear_token_logprobs(
-                hidden[rows_t, cols_t],
-                self._head_weight,
-                targets,
-                bias=self._head_bias,
-                logit_scale=self._logit_scale,
-                softcap=self._softcap,
-                impl=self.impl,
+    def _encode_all(
+        self, prompts: Sequence[Prompt], responses: Sequence[str]
+    ) -> list[VerifierInput]:
+        """Encode every sample; with ``share_prefix`` each distinct prompt is rendered and cut once."""
+        if not self.options.share_prefix:
+            return [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
+        members: dict[str, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            members.setdefault(prompt_key(prompt), []).append(i)
+        inputs: list[VerifierInput | None] = [None] * len(prompts)
+        for rows in members.values():
+            encoded = encode_group(
+                self.tokenizer, prompts[rows[0]], [responses[i] for i in rows], self.options
             )
-        else:
-            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            flat = token_logprobs(logits[rows_t, cols_t], targets, impl=self.impl)
-        return list(flat.split([x.n_scored for x in batch]))
+            for i, x in zip(rows, encoded, strict=True):
+                inputs[i] = x
+        return [x for x in inputs if x is not None]
+
+    def _logprobs(self, inputs: list[VerifierInput], show: bool) -> dict[int, torch.Tensor]:
+        """Per-token log-probs ``[n_scored]`` (float32, nats) of every scorable input, by index."""
+        scorable = [i for i, x in enumerate(inputs) if x.error is None]
+        shared_groups: dict[tuple[int, ...], list[int]] = {}
+        if self.options.share_prefix and self._fused_head:
+            for i in scorable:
+                x = inputs[i]
+                shared_groups.setdefault(tuple(x.input_ids[: x.n_prompt]), []).append(i)
+            shared_groups = {k: v for k, v in shared_groups.items() if len(v) > 1}
+        shared = {i for rows in shared_groups.values() for i in rows}
+        alone = {i: len(inputs[i].input_ids) for i in scorable if i not in shared}
+        head = self._head if self._fused_head else None
+        out: dict[int, torch.Tensor] = {}
+        bar = tqdm(total=len(scorable), desc="CME scoring", unit="sample", disable=not show)
+        for batch in plan_samples(alone, self.token_budget):
+            run = lambda b: forward_samples(self.model, head, self._pad_id, inputs, b, self.device)  # noqa: E731
+            out.update(run_halving(batch, run, halve_samples))
+            bar.update(len(batch))
+        response_len = {i: inputs[i].n_scored for i in shared}
+        for pieces in plan_pieces(list(shared_groups.items()), response_len, self.token_budget):
+            run = lambda p: forward_shared(  # noqa: E731
+                self._body, self._head, self._pad_id, inputs, p, self.device
+            )
+            out.update(run_halving(pieces, run, halve_pieces))
+            bar.update(sum(len(p.rows) for p in pieces))
+        bar.close()
+        return out
+
+    # -- load-time checks ---------------------------------------------------------------------------
 
     def _checked_impl(self) -> str:
         """The log-prob implementation to use: Triton only after it agrees with float64 here.
@@ -239,17 +265,17 @@ class CMEScorer:
         if impl != "triton" or not self._fused_head:
             return impl
         generator = torch.Generator(device="cpu").manual_seed(0)
-        hidden_size = self._head_weight.shape[1]
-        probe = torch.randn(64, hidden_size, generator=generator).to(
-            self.device, self._head_weight.dtype
-        )
-        targets = torch.randint(0, self._head_weight.shape[0], (64,), generator=generator).to(
-            self.device
-        )
-        head = {"bias": self._head_bias, "logit_scale": self._logit_scale, "softcap": self._softcap}
-        result = check_triton_head(probe, self._head_weight, targets, **head)
+        weight = self._head.weight
+        probe = torch.randn(64, weight.shape[1], generator=generator).to(self.device, weight.dtype)
+        targets = torch.randint(0, weight.shape[0], (64,), generator=generator).to(self.device)
+        transform = {
+            "bias": self._head.bias,
+            "logit_scale": self._head.logit_scale,
+            "softcap": self._head.softcap,
+        }
+        result = check_triton_head(probe, weight, targets, **transform)
         if result.ok and self.device.type == "cuda":  # autotune now, not on the first call
-            result = warm_up_triton_head(self._head_weight, max_rows=self.token_budget, **head)
+            result = warm_up_triton_head(weight, max_rows=self.token_budget, **transform)
         if result.ok:
             return impl
         logger.warning(
@@ -264,33 +290,24 @@ class CMEScorer:
         """Check once that body + output head + config transform reproduce the model's own logits.
 
         A model whose head does something the config does not describe falls back (with a warning)
-        to the model's full forward, which computes logits at every position.
+        to the model's full forward, which computes logits at every position (and no prefix
+        sharing).
         """
-        ids = (
-            torch.tensor([[self._pad_id, 1, 2, 3, 4, 5, 6, 7]], device=self.device)
-            % self._head_weight.shape[0]
-        )
+        vocab = self._head.weight.shape[0]
+        ids = torch.tensor([[self._pad_id, 1, 2, 3, 4, 5, 6, 7]], device=self.device) % vocab
         with torch.inference_mode():
             expected = torch.log_softmax(
                 self.model(input_ids=ids, use_cache=False).logits[0].double(), -1
             )
             hidden = self._body(input_ids=ids, use_cache=False).last_hidden_state[0]
-            targets = torch.arange(ids.shape[1], device=self.device) % self._head_weight.shape[0]
-            got = linear_token_logprobs(
-                hidden,
-                self._head_weight,
-                targets,
-                bias=self._head_bias,
-                logit_scale=self._logit_scale,
-                softcap=self._softcap,
-                impl="torch",
-            )
+            targets = torch.arange(ids.shape[1], device=self.device) % vocab
+            got = self._head.logprobs(hidden, targets)
         want = expected[torch.arange(ids.shape[1]), targets]
-        tol = 1e-3 if self._head_weight.dtype in (torch.float32, torch.float64) else 1e-1
+        tol = 1e-3 if self._head.weight.dtype in (torch.float32, torch.float64) else 1e-1
         if torch.allclose(got.double(), want, atol=tol, rtol=0):
             return True
         logger.warning(
-            "verifier %s: its output head does not match body + lm_head + config transform; "
+            "verifier %r: its output head does not match body + lm_head + config transform; "
             "computing full logits instead (slower, more memory)",
             self.verifier_name,
         )

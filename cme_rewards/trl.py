@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .options import ScorerOptions
-from .results import CMEResult
+from .results import METRIC_PREFIX, CMEResult, batch_metrics
 from .scorer import CMEScorer
 
 Prompt = str | list[dict[str, Any]]
@@ -168,11 +168,9 @@ class _CMERewardBase:
             log_extra(f"{name}/n_tokens", [r.n_tokens for r in results])
             log_extra(f"{name}/truncated", [r.truncated for r in results])
             log_extra(f"{name}/error", [r.error for r in results])
-        if log_metric is not None and results:
-            n = len(results)
-            log_metric(f"{name}/n_tokens", sum(r.n_tokens for r in results) / n)
-            log_metric(f"{name}/truncated", sum(r.truncated for r in results) / n)
-            log_metric(f"{name}/error", sum(r.error is not None for r in results) / n)
+        if log_metric is not None:
+            for key, value in batch_metrics(results).items():
+                log_metric(name + "/" + key.removeprefix(METRIC_PREFIX), value)
         return [r.cme for r in results]
 
     def __repr__(self) -> str:
@@ -188,10 +186,14 @@ class CMEReward(_CMERewardBase):
         reward = CMEReward("gemma3-270m", max_length=4096)
         trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=config, train_dataset=ds)
 
-    Called with TRL's keyword arguments; returns one reward (nats) per completion. An ``id``
-    dataset column, when present, names samples in the scorer's warnings. Logs per completion
-    ``<name>/n_tokens``, ``<name>/truncated``, ``<name>/error`` (``log_extra``: columns of the
-    completions table) and their batch means (``log_metric``).
+    Called with TRL's keyword arguments; returns one reward (nats) per completion. The completions
+    of one prompt form a group: one that cannot be scored gets the worst scored member's reward
+    minus ``floor_margin`` (the fixed ``floor`` when none was scored). An ``id`` dataset column,
+    when present, names samples in the scorer's warnings. Logs per completion ``<name>/n_tokens``,
+    ``<name>/truncated``, ``<name>/error`` (``log_extra``: columns of the completions table) and,
+    per call, :func:`cme_rewards.results.batch_metrics` (``log_metric``): ``cme/mean``,
+    ``cme/std``, ``cme/min``, ``cme/max`` (scored completions), ``cme/floored_frac``,
+    ``cme/truncated_frac`` and ``cme/n_tokens_mean``, with ``<name>/`` in place of ``cme/``.
     """
 
     def __call__(

@@ -8,11 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from cme_rewards.batching import BatchLimits
+from cme_rewards.openrlhf.grouping import GroupOptions
 from cme_rewards.openrlhf.protocol import RecoveryOptions
 from cme_rewards.openrlhf.runtime import FileModeOptions
 from cme_rewards.options import ScorerOptions, markdown_table
 from cme_rewards.remote import RemoteOptions
 from cme_rewards.server.options import ServerOptions
+from cme_rewards.verl.settings import VerlOptions
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "options.md"
 
@@ -44,6 +46,8 @@ SECTIONS = [
     ("Served verifier (`RemoteOptions`: veRL with a vLLM / SGLang backend)", RemoteOptions),
     ("OpenRLHF prompt recovery (`RecoveryOptions`: server, file mode)", RecoveryOptions),
     ("OpenRLHF file mode only (`FileModeOptions`)", FileModeOptions),
+    ("OpenRLHF file mode groups (`GroupOptions`)", GroupOptions),
+    ("veRL manager only (`VerlOptions`: `reward.cme.*`)", VerlOptions),
     ("Server only (`ServerOptions`: `cme-rewards serve`)", ServerOptions),
 ]
 
@@ -53,10 +57,6 @@ def render() -> str:
     parts = [HEADER]
     for title, cls in SECTIONS:
         parts.append(f"## {title}\n\n{markdown_table(cls)}\n")
-    parts.append(
-        "The veRL manager adds `backend`, `num_gpus` and `num_cpus` "
-        "(`cme_rewards.verl.settings.VerlOptions`, documented in `integrations/verl/README.md`).\n"
-    )
     return "\n".join(parts)
 
 

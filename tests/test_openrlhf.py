@@ -11,7 +11,12 @@ vLLM is not installable on CPU, so the engine hands back the policy's token ids 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import subprocess
+import sys
 from copy import deepcopy
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -145,7 +150,73 @@ def test_openrlhf_client_against_reward_func_file(smollm_scorer, expected, monke
             [templated(tok, "Hi") + "<|im_end|>"], [templated(tok, "Hi")], ["Hi"]
         )
     )
-    assert out[0]["rewards"].tolist() == [-50.0] and out[0]["extra_logs"]["failed"].tolist() == [
-        1.0
-    ]
+    assert out[0]["rewards"].tolist() == [-50.0]
+    assert out[0]["extra_logs"]["cme/floored_frac"].tolist() == [1.0]
     rt.close()
+
+
+def test_composed_reward_file_sums_weighted_parts_and_logs_each(
+    smollm_scorer, expected, monkeypatch
+):
+    """integrations/openrlhf/composed_reward.py (CME + 0.1 x brevity) loaded by OpenRLHF's client."""
+    tok = smollm_scorer.tokenizer
+    rt = runtime.FileModeRuntime(runtime.FileModeConfig.from_env(), scorer=smollm_scorer)
+    monkeypatch.setattr(runtime, "_runtime", rt)
+    path = Path(__file__).resolve().parents[1] / "integrations" / "openrlhf" / "composed_reward.py"
+    executor = agent.SingleTurnAgentExecutor(str(path))
+    queries = [templated(tok, i) + r + "<|im_end|>" for i, r in CASES[:3]]
+    prompts = [templated(tok, i) for i, _ in CASES[:3]]
+    outs = asyncio.run(
+        executor._fetch_rewards_via_func(queries, prompts, [i for i, _ in CASES[:3]])
+    )
+    rt.close()
+    for out, query, prompt, cme in zip(outs, queries, prompts, expected, strict=False):
+        brevity = -(len(query) - len(prompt)) / 4000
+        logs = {k: v.item() for k, v in out["extra_logs"].items()}
+        assert logs["reward/cme"] == pytest.approx(cme, abs=1e-4)
+        assert logs["reward/brevity"] == pytest.approx(brevity)
+        assert out["rewards"].item() == pytest.approx(cme + 0.1 * brevity, abs=1e-4)
+        assert out["scores"].item() == out["rewards"].item()
+        assert logs["cme/mean"] == pytest.approx(cme, abs=1e-4) and logs["cme/floored_frac"] == 0
+
+
+CLI = Path(sys.executable).with_name("cme-rewards")
+
+
+def check_command(**env: str) -> subprocess.CompletedProcess:
+    """``cme-rewards openrlhf-reward-file --check`` as the launch script runs it."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CME_REWARDS_")}
+    return subprocess.run(
+        [str(CLI), "openrlhf-reward-file", "--check"],
+        capture_output=True,
+        text=True,
+        env={**clean, **env},
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "reason"),
+    [
+        ("CME_REWARDS_MAX_BATCH_SIZE", "abc", "expected an integer, got 'abc'"),
+        ("CME_REWARDS_VERIFIER", "no-such-verifier", "unknown verifier 'no-such-verifier'"),
+        ("CME_REWARDS_DTYPE", "float8", "must be one of auto, float32"),
+    ],
+)
+def test_check_command_names_a_bad_variable(variable, value, reason):
+    proc = check_command(**{variable: value})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert f"error: {variable}: {reason}" in proc.stderr
+    assert proc.stderr.count("CME_REWARDS_") == 1
+
+
+def test_check_command_loads_the_verifier_and_scores_the_probe():
+    proc = check_command(
+        CME_REWARDS_VERIFIER="smollm2-135m-instruct",
+        CME_REWARDS_DEVICE="cpu",
+        CME_REWARDS_GROUP_SIZE="8",  # the probe must not wait for a group
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()) == reward_file_path()
+    match = re.search(r"'smollm2-135m-instruct' scores the probe: cme (-[\d.]+) nats", proc.stderr)
+    assert match and -3 < float(match.group(1)) < 0

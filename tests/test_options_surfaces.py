@@ -38,7 +38,7 @@ BAD = {
     "dtype": ("float8", "must be one of auto, float32, bfloat16, float16, float64; got 'float8'"),
     "max_length": ("1", "must be at least 2, got 1"),
     "token_budget": ("0", "must be at least 1, got 0"),
-    "reduction": ("median", "must be one of mean, sum, min_k, pmi; got 'median'"),
+    "reduction": ("median", "must be one of mean, sum, min_k, pmi, pmi_sum; got 'median'"),
     "min_k_percent": ("0", "must be in (0, 100], got 0.0"),
     "min_tokens": ("zero", "expected an integer, got 'zero'"),
     "floor": ("nan", "must be a finite number, got nan"),

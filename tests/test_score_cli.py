@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cme_rewards import cached_model_dir
 from cme_rewards.cli import main as cli_main
-from cme_rewards.formatting import build_verifier_input
+from cme_rewards.formatting import build_group_inputs
 from cme_rewards.ops.reference import reference_token_logprobs
 
 # Verifier token budgets that keep the float64 reference forward quick on 2 CPU cores (Gemma's
@@ -36,14 +36,21 @@ def alpaca_pairs(shared: Path | None) -> list[dict]:
 def float64_reference(
     folder: Path, rows: list[dict], tokenizer, max_length: int
 ) -> list[tuple[float, list[int]]]:
-    """Plain transformers float64 forward over the ids the scorer should build: (cme, scored ids)."""
+    """Plain transformers float64 forward over the ids the scorer should build: (cme, scored ids).
+
+    Responses to the same prompt share one prompt, cut once for the longest of them when the
+    group is over ``max_length`` (the documented rule of ``build_group_inputs``)."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
     out = []
     with torch.inference_mode():
         for row in rows:
-            x = build_verifier_input(
-                tokenizer, row["prompt"], row["response"], max_length=max_length
-            )
+            siblings = [r for r in rows if r["prompt"] == row["prompt"]]
+            x = build_group_inputs(
+                tokenizer,
+                row["prompt"],
+                [r["response"] for r in siblings],
+                max_length=max_length,
+            )[siblings.index(row)]
             n = x.n_scored
             logits = model(torch.tensor([x.input_ids]), logits_to_keep=n + 1).logits[0, :-1]
             lp = reference_token_logprobs(logits, torch.tensor(x.input_ids[-n:]))

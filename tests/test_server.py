@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from cme_rewards.batching import BatchLimits
-from cme_rewards.openrlhf.protocol import PromptRecovery
-from cme_rewards.results import FLOOR_REWARD
+from cme_rewards.openrlhf.protocol import PromptRecovery, extra_logs
+from cme_rewards.results import FLOOR_REWARD, CMEResult
 from cme_rewards.server import ServerConfig, ServerOptions, create_app
 from cme_rewards.server.background import BackgroundServer
 
@@ -295,7 +295,8 @@ def test_verifier_error_on_one_sample(smollm_scorer, samples):
     for reply, reason in ((bad, "injected verifier fault"), (empty, "empty response")):
         body = reply.json()
         assert reply.status_code == 200 and body["rewards"] == [FLOOR_REWARD]
-        assert reason in body["results"][0]["error"] and body["extra_logs"]["failed"] == [1.0]
+        assert reason in body["results"][0]["error"]
+        assert body["extra_logs"] == extra_logs([CMEResult(**body["results"][0])])
     assert snap["samples_floor"] == 2 and snap["samples"] == 10
 
 

@@ -12,8 +12,9 @@ import time
 import httpx
 import pytest
 
+from cme_rewards.server import ServerOptions
 from cme_rewards.server.background import free_port
-from cme_rewards.server.cli import main
+from cme_rewards.server.cli import build_parser, main, parse_options
 
 QUESTION = "What is the capital of France?"
 
@@ -35,6 +36,14 @@ def test_bad_options_fail_naming_them(capsys, flags, message):
     assert main([*flags, "--port", str(free_port())]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_smaller_queue_alone_bounds_the_samples_of_a_request():
+    """``--max-queue 16`` needs no ``--max-samples``: the smaller limit holds (413 above it)."""
+    _, limits, _, server = parse_options(build_parser().parse_args(["--max-queue", "16"]))
+    assert limits.max_queue == 16 and server.max_samples == ServerOptions().max_samples
+    _, _, _, server = parse_options(build_parser().parse_args(["--docs", "--token", "t"]))
+    assert server.docs and server.token == "t"
 
 
 @pytest.mark.slow

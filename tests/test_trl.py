@@ -1,11 +1,11 @@
 """CME reward callables for TRL: signature, names, hooks, floors, async, and a tiny GRPOTrainer run.
 
 Most tests use tiny random-weight Llamas over the real SmolLM2 tokenizer (fast). The slow test
-runs integrations/trl/train_grpo_cme.py with two real models: policy SmolLM2-135M-Instruct (an
-instruct policy with a chat template, so the script's KL beta is the paper's 0.01 and a reference
-model runs too) and verifier Gemma-3-270M (another family and tokenizer, as in the paper). The CME
-values TRL logged (its completions tables) must equal a fresh ``CMEScorer`` on the same prompts and
-completions.
+runs the README's command for integrations/trl/train_grpo_cme.py as written, with two real models:
+policy SmolLM2-135M-Instruct (an instruct policy with a chat template, so the script's KL beta is
+the paper's 0.01 and a reference model runs too) fed text prompts, and verifier Gemma-3-270M
+(another family and tokenizer, as in the paper). The CME values TRL logged (its completions
+tables) must equal a fresh ``CMEScorer`` on the same prompts and completions.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import copy
 import importlib.util
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from cme_rewards import FLOOR_REWARD, CMEScorer
 from cme_rewards.io import InputError
 from cme_rewards.models import cached_model_dir
 from cme_rewards.options import OptionError
+from cme_rewards.results import batch_metrics
 from cme_rewards.trl import AsyncCMEReward, CMEReward, LengthPenalty, to_verifier_pair
 
 PROMPTS = ["Name a primary colour.", "What is two plus two?"]
@@ -150,9 +152,30 @@ def test_hooks_log_tokens_truncation_and_floors(scorer):
     )
     assert hooks.extra["cme_tiny/truncated"] == [False, False, False]
     assert hooks.extra["cme_tiny/error"][:2] == [None, None] and hooks.extra["cme_tiny/error"][2]
-    assert hooks.metrics["cme_tiny/n_tokens"] == pytest.approx(sum(r.n_tokens for r in results) / 3)
-    assert hooks.metrics["cme_tiny/truncated"] == 0.0
-    assert hooks.metrics["cme_tiny/error"] == pytest.approx(1 / 3)
+    # batch_metrics under the reward's name: the same figures TRL and OpenRLHF log as cme/...
+    assert hooks.metrics == {
+        "cme_tiny/" + key.removeprefix("cme/"): value
+        for key, value in batch_metrics(results).items()
+    }
+    assert hooks.metrics["cme_tiny/n_tokens_mean"] == pytest.approx(
+        sum(r.n_tokens for r in results) / 3
+    )
+    assert hooks.metrics["cme_tiny/truncated_frac"] == 0.0
+    assert hooks.metrics["cme_tiny/floored_frac"] == pytest.approx(1 / 3)
+    assert hooks.metrics["cme_tiny/mean"] == pytest.approx((values[0] + values[1]) / 2)
+    assert hooks.metrics["cme_tiny/min"] == min(values[:2])
+
+
+def test_a_failed_completion_gets_its_prompts_group_floor(scorer):
+    """TRL's completions of one prompt are a group: an empty one ranks just below the worst."""
+    reward = CMEReward(scorer=scorer)
+    values = reward(
+        prompts=[PROMPTS[0]] * 3 + [PROMPTS[1]] * 2,
+        completions=[COMPLETIONS[0], "Blue.", "", COMPLETIONS[1], ""],
+    )
+    assert values[2] == pytest.approx(min(values[:2]) - scorer.options.floor_margin)
+    assert values[4] == pytest.approx(values[3] - scorer.options.floor_margin)
+    assert [r.error is not None for r in reward.last_results] == [False, False, True, False, True]
 
 
 def test_truncation_is_reported(tokenizer):
@@ -167,7 +190,7 @@ def test_truncation_is_reported(tokenizer):
     )
     assert hooks.extra["cme/truncated"] == [True, True]
     assert hooks.extra["cme/n_tokens"][0] == 11
-    assert hooks.metrics["cme/truncated"] == 1.0
+    assert hooks.metrics["cme/truncated_frac"] == 1.0
 
 
 def test_async_reward_is_awaited_and_equals_sync(scorer):
@@ -263,6 +286,7 @@ def test_script_defaults_are_the_papers(tmp_path):
     )
     assert (config.num_generations, config.temperature, config.learning_rate) == (8, 1.0, 3e-6)
     assert config.max_completion_length == 2048 and config.beta is None
+    assert (config.loss_type, config.scale_rewards) == ("dapo", "group")  # TRL's, kept on purpose
     assert args.verifier is None and script.scorer_options(args).verifier == "smollm2-135m-instruct"
 
     class Tok:
@@ -321,77 +345,78 @@ def test_tiny_grpo_run_async_cme_plus_length_penalty(tmp_path, tokenizer, scorer
         assert ((penalties <= 0) & (penalties >= -1) & ((penalties * 8) % 1 == 0)).all()
         weighted.append((table["cme"] + 0.5 * table["length_penalty"]).mean())
     logged = [h for h in trainer.state.log_history if "rewards/cme/mean" in h]
-    assert len(logged) == 2 and all("cme/n_tokens" in h and "cme/error" in h for h in logged)
+    assert len(logged) == 2
+    for step, table in zip(logged, map(pd.read_parquet, tables), strict=True):
+        prompts = [[dict(m) for m in p] for p in table["prompt"]]
+        fresh = scorer.score(prompts, [c[0]["content"] for c in table["completion"]])
+        for key, value in batch_metrics(fresh).items():  # one process, one call per step
+            assert step[key] == pytest.approx(value, abs=1e-4), key
     # TRL's "reward" is the reward_weights-weighted sum of CME and the length penalty
     assert [h["reward"] for h in logged] == pytest.approx(weighted, abs=1e-4)
 
 
-REAL_PROMPTS = [
-    "Name three primary colours.",
-    "What is the capital of France?",
-    "Give one tip for sleeping better.",
-    "Write a haiku about rain.",
-]
+def test_script_sends_text_prompts_to_an_instruct_policy_as_chat(tokenizer, caplog):
+    script = load_script()
+    rows = [{"prompt": "Name a colour.", "id": "a"}, {"prompt": "Say hi."}]
+    wrapped = script.as_chat(rows, tokenizer)
+    assert wrapped[0] == {"prompt": [{"role": "user", "content": "Name a colour."}], "id": "a"}
+    assert "each of the 2 text prompts is sent as one user message" in caplog.text
+
+    class BaseTokenizer:
+        chat_template = None
+
+    assert script.as_chat(rows, BaseTokenizer()) is rows
+    chat = [{"prompt": [{"role": "user", "content": "Hi"}]}]
+    assert script.as_chat(chat, tokenizer) is chat
+    assert script.given(["--save_strategy=steps"], "save_strategy")
+    assert not script.given(["--save_steps", "5"], "save_strategy")
+
+
+TRL_COMMAND = (
+    "python integrations/trl/train_grpo_cme.py --policy smollm2-135m-instruct --verifier gemma3-270m "
+    "--prompts prompts.jsonl --output_dir runs/cme --max_steps 1 --num_generations 4 "
+    "--max_completion_length 64 --log_completions true --save_model false"
+)
+"""The README's TRL command: the issue's new user (text prompts, an instruct policy), one step."""
 
 
 @pytest.mark.slow
-def test_grpo_two_steps_smollm2_policy_gemma_verifier(tmp_path):
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(
-        "".join(
-            json.dumps({"id": f"p{i}", "messages": [{"role": "user", "content": p}]}) + "\n"
-            for i, p in enumerate(REAL_PROMPTS)
-        )
+def test_grpo_readme_command_instruct_policy_text_prompts(tmp_path):
+    """The README's command as written, from a folder holding prompts.jsonl with 16 AlpacaEval
+    instructions as text: the instruct policy's first step has non-empty completions, TRL's CME
+    values equal a fresh Gemma scorer, and --save_model false saves nothing."""
+    repo = Path(__file__).resolve().parents[1]
+    records = json.loads(
+        (repo / "tests" / "data" / "winrate" / "claude-2.1_first40.annotations.json").read_text()
     )
-    out = tmp_path / "run"
-    trainer = load_script().run(
-        [
-            "--policy", "smollm2-135m-instruct",
-            "--verifier", "gemma3-270m",
-            "--cme_device", "cpu",
-            "--cme_dtype", "float32",
-            "--prompts", str(prompts),
-            "--output_dir", str(out),
-            "--use_cpu", "true",
-            "--bf16", "false",
-            "--max_steps", "2",
-            "--per_device_train_batch_size", "4",
-            "--num_generations", "2",
-            "--max_completion_length", "16",
-            "--logging_steps", "1",
-            "--log_completions", "true",
-            "--report_to", "none",
-            "--save_strategy", "no",
-            "--save_model", "false",
-            "--gradient_checkpointing", "false",  # on by default in TRL; costs recompute on CPU
-        ]
-    )  # fmt: skip
-    assert trainer.state.global_step == 2
-    assert trainer.args.beta == 0.01  # instruct policy -> the paper's KL coefficient
-    assert (trainer.args.temperature, trainer.args.learning_rate) == (1.0, 3e-6)
+    instructions = [r["instruction"] for r in records[:16]]
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": i}) + "\n" for i in instructions)
+    )
+    (tmp_path / "integrations").symlink_to(repo / "integrations")
+    argv = TRL_COMMAND.split()
+    proc = subprocess.run(
+        [sys.executable, *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=1800
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "each of the 16 text prompts is sent as one user message" in proc.stderr
+    out = tmp_path / "runs" / "cme"
+    assert sorted(p.name for p in out.iterdir()) == ["completions"]  # no model, no checkpoint
 
     tables = [pd.read_parquet(p) for p in sorted((out / "completions").glob("*.parquet"))]
-    assert len(tables) == 2 and all(len(t) == 4 for t in tables)
+    assert len(tables) == 1 and len(tables[0]) == 8  # step 1: 2 prompts x 4 completions
     prompts_seen = [[dict(m) for m in p] for t in tables for p in t["prompt"]]
-    assert {m[0]["content"] for m in prompts_seen} <= set(REAL_PROMPTS)
+    assert all(len(m) == 1 and m[0]["role"] == "user" for m in prompts_seen)  # sent as chat
+    assert {m[0]["content"] for m in prompts_seen} <= set(instructions)
+    first = [c[0]["content"] for c in tables[0]["completion"]]
+    assert sum(bool(c.strip()) for c in first) >= 7, first  # raw text gave mostly empty ones
 
-    verifier = CMEScorer("gemma3-270m", device="cpu", dtype="float32")
-    fresh = []
-    for t in tables:  # each step's batch is one reward call; a failed sample's group is its prompt
-        step_prompts = [[dict(m) for m in p] for p in t["prompt"]]
-        step_responses = [c[0]["content"] for c in t["completion"]]
+    verifier = CMEScorer("gemma3-270m", device="cpu")  # the script's defaults (dtype auto)
+    for table in tables:  # each step is one reward call; a failed completion's group is its prompt
+        step_prompts = [[dict(m) for m in p] for p in table["prompt"]]
+        responses = [c[0]["content"] for c in table["completion"]]
         groups = [json.dumps(p, sort_keys=True) for p in step_prompts]
-        fresh += verifier.score(step_prompts, step_responses, groups=groups)
-    logged = pd.concat(tables)
-    assert logged["cme"].tolist() == pytest.approx([r.cme for r in fresh], abs=1e-4)
-    assert logged["cme/n_tokens"].tolist() == [r.n_tokens for r in fresh]
-    assert logged["cme/truncated"].tolist() == [r.truncated for r in fresh]
-    scored = [r for r in fresh if r.error is None]
-    assert len(scored) >= 6 and all(-20 < r.cme < 0 for r in scored)
-
-    steps = [h for h in trainer.state.log_history if "rewards/cme/mean" in h]
-    assert len(steps) == 2
-    for step, table in zip(steps, tables, strict=True):
-        assert step["rewards/cme/mean"] == pytest.approx(table["cme"].mean(), abs=1e-4)
-        assert step["cme/n_tokens"] == pytest.approx(table["cme/n_tokens"].mean())
-        assert "kl" in step
+        fresh = verifier.score(step_prompts, responses, groups=groups)
+        assert table["cme"].tolist() == pytest.approx([r.cme for r in fresh], abs=1e-3)
+        assert table["cme/n_tokens"].tolist() == [r.n_tokens for r in fresh]
+        assert all(-20 < r.cme < 0 for r in fresh if r.error is None)

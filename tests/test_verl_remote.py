@@ -12,7 +12,15 @@ import asyncio
 
 import pytest
 from omegaconf import OmegaConf
-from verl_data import make_batch
+from verl_data import (
+    ANSWER,
+    TOOL_CALL,
+    TOOL_PROMPT,
+    TOOL_RESULT,
+    make_batch,
+    padded_single,
+    tool_conversation,
+)
 from wire_servers import LogprobModel, ServerThread, sglang_app, vllm_app
 
 from cme_rewards.verl import EXTRA_INFO_KEYS, CMERewardManager, CMESettingsError
@@ -33,7 +41,7 @@ def batch(smollm_scorer):
     return data, smollm_scorer.score(messages, texts)
 
 
-def config(cme: dict, *, reward_model: bool = False):
+def config(cme: dict, *, reward_model: bool = False, n: int = 1):
     custom = (
         {"path": "pkg://cme_rewards.verl", "name": "route_to_cme"}
         if reward_model
@@ -41,13 +49,14 @@ def config(cme: dict, *, reward_model: bool = False):
     )
     return OmegaConf.create(
         {
+            "actor_rollout_ref": {"rollout": {"n": n}},
             "reward": {
                 "num_workers": 2,
                 "reward_manager": {"source": "register", "name": "cme"},
                 "reward_model": {"enable": reward_model, "model_path": "/models/smollm2"},
                 "custom_reward_function": custom,
                 "cme": cme,
-            }
+            },
         }
     )
 
@@ -81,7 +90,9 @@ def test_remote_manager_matches_scorer(smollm, batch, backend):
 
 
 def test_router_address_of_verls_reward_model(smollm, batch):
-    """veRL's own reward-model servers: no url, no verifier; veRL passes its router and tokenizer."""
+    """veRL's own reward-model servers: no url, no verifier; veRL passes its router address and
+    tokenizer (here the server's own address; test_verl_reward_loop.py puts veRL's real router in
+    between)."""
     data, want = batch
     with ServerThread(vllm_app(smollm, "/models/smollm2")) as server:
         cfg = config({"backend": "vllm"}, reward_model=True)
@@ -122,3 +133,31 @@ def test_remote_start_up_errors_name_the_key(smollm):
             CMESettingsError, match=r"^reward\.cme\.verifier: name the served verifier"
         ):
             asyncio.run(build(no_tokenizer))
+
+
+def test_remote_group_floor_and_multi_turn(smollm, batch, smollm_scorer):
+    """Groups of 3 (rollout.n): the empty sample 5 of group q1 gets just below q1's worst; a tool
+    conversation is scored turn by turn through the server, observations unscored."""
+    data, want = batch
+    tok = smollm.tokenizer
+    prompt_ids, response_ids, mask = tool_conversation(tok)
+    tool = padded_single(tok, prompt_ids, response_ids, mask, raw_prompt=TOOL_PROMPT, uid="t")
+    with ServerThread(vllm_app(smollm, "smollm2")) as server:
+        cfg = config({"backend": "vllm", "url": server.url, "verifier": VERIFIER}, n=3)
+        outs = run_manager(cfg, tok, data)
+        [multi] = run_manager(
+            config({"backend": "vllm", "url": server.url, "verifier": VERIFIER}), tok, tool
+        )
+    assert want[5].error == "empty response"
+    assert outs[5]["reward_score"] == pytest.approx(min(want[3].cme, want[4].cme) - 0.1, abs=1e-4)
+    assert outs[5]["reward_extra_info"]["error"] == "empty response"
+    history = [*TOOL_PROMPT, {"role": "assistant", "content": TOOL_CALL}]
+    first, second = smollm_scorer.score(
+        [TOOL_PROMPT, [*history, {"role": "tool", "content": TOOL_RESULT}]], [TOOL_CALL, ANSWER]
+    )
+    n = first.n_tokens + second.n_tokens
+    info = multi["reward_extra_info"]
+    assert info["n_tokens"] == n and info["error"] == ""
+    assert info["cme"] == pytest.approx(
+        (first.cme * first.n_tokens + second.cme * second.n_tokens) / n, abs=1e-4
+    )

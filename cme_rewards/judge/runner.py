@@ -1,4 +1,4 @@
-"""Run a judge over tasks, appending judgment records (SPEC.md schema) as they finish.
+"""Run a judge over tasks, appending judgment records (docs/judgments.md) as they finish.
 
 The output file is resumable: tasks whose ``(id, model, baseline, judge, order)`` already has a
 line are skipped, so a rerun after a crash or Ctrl-C only judges what is missing. Each record is
@@ -51,7 +51,9 @@ def _repair_tail(path: Path) -> None:
             fh.write(b"\n")  # a whole record that only lacks its newline
             return
         except ValueError:
-            logger.warning("%s: dropping an incomplete last line left by an interrupted run", path)
+            logger.warning(
+                "%r: dropping an incomplete last line left by an interrupted run", str(path)
+            )
             fh.truncate(start)
 
 
@@ -69,7 +71,7 @@ def existing_records(path: Path, retry_errors: bool = False) -> list[dict[str, A
 
 
 def to_record(task: Task, judge: str, verdict: Verdict) -> dict[str, Any]:
-    """The judgment record for one task (SPEC.md fields, plus ``raw``, ``attempts`` and extras)."""
+    """The judgment record for one task (the fields of docs/judgments.md, plus ``raw``, ``attempts`` and extras)."""
     p = task.pair
     rec: dict[str, Any] = {
         "id": p.id,

@@ -29,9 +29,14 @@ def check() -> str:
     Returns a one-line summary; raises ``ValueError`` (an ``OptionError`` naming the variable) or
     ``RuntimeError`` when the probe gets no finite reward.
     """
+    import dataclasses
+
+    from cme_rewards.openrlhf.grouping import GroupOptions
     from cme_rewards.openrlhf.runtime import FileModeConfig, FileModeRuntime
 
-    runtime = FileModeRuntime(FileModeConfig.from_env())
+    config = FileModeConfig.load()
+    # The probe is a group of one: it must not wait for group members that never come.
+    runtime = FileModeRuntime(dataclasses.replace(config, group=GroupOptions()))
     try:
         prompt, response, label = PROBE
         result = runtime.score([prompt + response], [prompt], [label])[0]

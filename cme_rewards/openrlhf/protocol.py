@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cme_rewards.formatting import GENERATOR_END_MARKERS, clean_response
+from cme_rewards.formatting import GENERATOR_END_MARKERS, clean_response, is_text
 from cme_rewards.options import check_fields, option
-from cme_rewards.results import CMEResult
+from cme_rewards.results import METRIC_PREFIX, CMEResult
 
 logger = logging.getLogger(__name__)
 
@@ -274,6 +274,9 @@ class PromptRecovery:
 
     def recover(self, query: str, prompt: str, label: Any = None) -> Recovered:
         """The verifier's view of one OpenRLHF sample (never raises for bad sample content)."""
+        for name, text in (("prompt", prompt), ("query", query)):
+            if not is_text(text):  # a lone surrogate: no tokenizer takes it
+                return Recovered(prompt, "", "templated", error=f"undecodable text in {name}")
         tail = split_query(query, prompt, self.policy_tokenizer)
         source, verifier_prompt = self._prompt(prompt, label)
         if tail is None:
@@ -305,9 +308,8 @@ def openrlhf_reply(results: Sequence[CMEResult]) -> dict[str, Any]:
     """The JSON OpenRLHF expects for a request: ``rewards``, ``scores``, ``extra_logs`` (+ ``results``).
 
     OpenRLHF turns every ``extra_logs`` value into a tensor (``torch.tensor([value])``), so they are
-    all numbers: ``cme``, ``n_tokens``, ``truncated`` (0/1) and ``failed`` (1 when the sample got the
-    floor reward). The error text is in ``results`` (SPEC.md's fields per sample), which OpenRLHF
-    ignores, and in the log.
+    all numbers (see :func:`extra_logs`). The error text is in ``results`` (the shared output fields
+    per sample), which OpenRLHF ignores, and in the log.
     """
     rewards = [float(r.cme) for r in results]
     return {
@@ -318,11 +320,33 @@ def openrlhf_reply(results: Sequence[CMEResult]) -> dict[str, Any]:
     }
 
 
+EXTRA_LOG_KEYS = (
+    f"{METRIC_PREFIX}mean",
+    f"{METRIC_PREFIX}floored_frac",
+    f"{METRIC_PREFIX}truncated_frac",
+    f"{METRIC_PREFIX}n_tokens_mean",
+)
+"""The per-sample ``extra_logs`` keys, named as :func:`cme_rewards.results.batch_metrics` names them.
+
+OpenRLHF 0.11.2 averages each ``extra_logs`` key over a training step's samples (``PPOActor``'s
+``training_step`` weights each by "sample" and ``ppo_train`` takes the sample-weighted mean), so
+each per-sample value is chosen so that this mean is the step's figure: ``cme/floored_frac`` (1 for a
+floored sample), ``cme/truncated_frac`` (1 when the verifier did not see everything) and
+``cme/n_tokens_mean`` (scored tokens) equal ``batch_metrics``; ``cme/mean`` is the sample's reward, so
+its step mean counts floored samples at their floor (``batch_metrics`` leaves them out; the two agree
+when ``cme/floored_frac`` is 0). Statistics that are not means of per-sample values (``cme/std``,
+``cme/min``, ``cme/max``) cannot pass through OpenRLHF's averaging. Every key has the ``cme/``
+prefix, so none replaces one of OpenRLHF's own metrics (such as ``truncated``: generation hit the
+token limit).
+"""
+
+
 def extra_logs(results: Sequence[CMEResult]) -> dict[str, list[float]]:
-    """Numeric per-sample logs (see :func:`openrlhf_reply`)."""
+    """Numeric per-sample logs under :data:`EXTRA_LOG_KEYS` (see there for what each means)."""
+    mean, floored, truncated, n_tokens = EXTRA_LOG_KEYS
     return {
-        "cme": [float(r.cme) for r in results],
-        "n_tokens": [float(r.n_tokens) for r in results],
-        "truncated": [float(r.truncated) for r in results],
-        "failed": [float(r.error is not None) for r in results],
+        mean: [float(r.cme) for r in results],
+        floored: [float(r.error is not None) for r in results],
+        truncated: [float(r.truncated) for r in results],
+        n_tokens: [float(r.n_tokens) for r in results],
     }

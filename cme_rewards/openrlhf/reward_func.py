@@ -12,7 +12,7 @@ from typing import Any
 
 from cme_rewards.openrlhf.runtime import FileModeConfig, get_runtime, reward_dict
 
-_CONFIG = FileModeConfig.from_env()  # a bad variable fails at start-up, naming it
+_CONFIG = FileModeConfig.load()  # a bad variable fails when OpenRLHF loads this file, naming it
 
 
 def reward_func(queries: list[str], prompts: list[str], labels: list[Any]) -> dict[str, Any]:
@@ -21,6 +21,7 @@ def reward_func(queries: list[str], prompts: list[str], labels: list[Any]) -> di
     ``queries[i]`` is the templated prompt + response as the trainer decoded it (special tokens
     kept), ``prompts[i]`` the templated prompt, ``labels[i]`` the ``--data.label_key`` column (the
     raw prompt, in the recipe). Thread-safe; concurrent calls share verifier batches. Rewards are
-    nats (mean log-likelihood under the verifier); unscorable samples get the floor reward.
+    nats (mean log-likelihood under the verifier). A sample that cannot be scored gets its group's
+    floor with ``CME_REWARDS_GROUP_SIZE`` (:mod:`cme_rewards.openrlhf.grouping`), else the fixed one.
     """
     return reward_dict(get_runtime(_CONFIG).score(queries, prompts, labels))

@@ -7,8 +7,10 @@ it, and concurrent calls are coalesced into verifier batches by a micro-batcher.
 Environment variables (all optional): ``CME_REWARDS_<OPTION>`` for every option of
 :class:`cme_rewards.options.ScorerOptions` (``CME_REWARDS_VERIFIER``, ``CME_REWARDS_DTYPE``,
 ``CME_REWARDS_MAX_LENGTH``, ...), of :class:`cme_rewards.batching.BatchLimits`
-(``CME_REWARDS_MAX_WAIT_MS``, ...) and of :class:`FileModeOptions` below; the table is in
-``docs/options.md``. They are all checked when OpenRLHF loads the file.
+(``CME_REWARDS_MAX_WAIT_MS``, ...), of :class:`cme_rewards.openrlhf.protocol.RecoveryOptions`, of
+:class:`FileModeOptions` below and of :class:`cme_rewards.openrlhf.grouping.GroupOptions`
+(``CME_REWARDS_GROUP_SIZE``: a sample that cannot be scored gets its group's floor). They are all
+checked when OpenRLHF loads the file.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from cme_rewards.batched_scorer import BatchedScorer, Sample
 from cme_rewards.batching import BatchLimits
+from cme_rewards.openrlhf.grouping import GroupBoard, GroupOptions, group_key
 from cme_rewards.openrlhf.protocol import PromptRecovery, RecoveryOptions, extra_logs
 from cme_rewards.options import (
     ScorerOptions,
@@ -71,13 +74,22 @@ class FileModeConfig:
     batch: BatchLimits
     recovery: RecoveryOptions
     file: FileModeOptions
+    group: GroupOptions = GroupOptions()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> FileModeConfig:
         """Read and check ``CME_REWARDS_*``; a bad value raises :class:`OptionError` naming its variable."""
-        classes = (ScorerOptions, BatchLimits, RecoveryOptions, FileModeOptions)
+        classes = (ScorerOptions, BatchLimits, RecoveryOptions, FileModeOptions, GroupOptions)
         raw = env_values(classes, PREFIX, environ)
         return cls(*from_values(classes, raw, env_key, strings=True))
+
+    @classmethod
+    def load(cls) -> FileModeConfig:
+        """:meth:`from_env`, plus the checks that need this machine (``CME_REWARDS_DEVICE=cuda``
+        with no CUDA device here): what the reward file runs when OpenRLHF loads it."""
+        config = cls.from_env()
+        config.scorer.check_here(env_key)
+        return config
 
 
 class FileModeRuntime:
@@ -89,13 +101,19 @@ class FileModeRuntime:
         self._lock = threading.Lock()
         self._batched: BatchedScorer | None = None
         self._recovery: PromptRecovery | None = None
+        size = config.group.group_size
+        self.groups: GroupBoard | None = (
+            GroupBoard(size, config.group.group_wait_s, config.scorer.floor_margin)
+            if size is not None and size > 1
+            else None
+        )
 
     def _load(self) -> tuple[BatchedScorer, PromptRecovery]:
         with self._lock:
             if self._batched is None or self._recovery is None:
                 recovery = self.config.recovery.build()
                 if (warning := recovery.startup_warning()) is not None:
-                    logger.warning(warning)
+                    logger.warning("%s", warning)
                 scorer = self._scorer if self._scorer is not None else self._load_scorer()
                 self._batched = BatchedScorer(scorer, self.config.batch)
                 self._recovery = recovery
@@ -128,6 +146,8 @@ class FileModeRuntime:
         """CME of each OpenRLHF sample; never raises for a sample, never returns None or NaN.
 
         Transient trouble is retried on :mod:`cme_rewards.retry`'s schedule, then gets the floor.
+        With a group size, a sample that cannot be scored gets its group's floor
+        (:mod:`cme_rewards.openrlhf.grouping`), else the fixed floor.
         """
         batched, recovery = self._load()
         options = self.config.scorer
@@ -154,7 +174,14 @@ class FileModeRuntime:
                 scored = [floored(reason, options) for _ in samples]
             for (i, _), r in zip(todo, scored, strict=True):
                 results[i] = r
-        return [r for r in results if r is not None]
+        done = [r for r in results if r is not None]
+        if self.groups is None:
+            return done
+        members = [
+            self.groups.arrive(group_key(prompt, label), r)
+            for prompt, label, r in zip(prompts, labels, done, strict=True)
+        ]
+        return [self.groups.settle(g, r) for g, r in zip(members, done, strict=True)]
 
 
 _runtime: FileModeRuntime | None = None

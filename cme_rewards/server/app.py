@@ -7,13 +7,17 @@ timeouts answer 503 with ``Retry-After`` so clients retry; a request that can ne
 samples than allowed, a bad field) gets a permanent 4xx naming the limit or field.
 
 Staying responsive: CPU work of a request (prompt recovery, tokenization) runs in worker threads,
-never on the event loop; ``request_timeout`` covers the whole request; a request's samples enter
-the queue together or not at all, and leave it when the request ends early.
+never on the event loop; ``request_timeout`` covers the whole request, from its headers to the
+answer; a request's samples enter the queue together or not at all, and leave it when the request
+ends early (timeout, or the client hung up), so they are never computed. Replies are ASCII JSON
+with finite numbers only: a lone surrogate echoed back in an ``id`` is written as its ``\\u``
+escape, and a non-finite number would be an error, never a silent ``null``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +25,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 
 from cme_rewards.batched_scorer import BatchedScorer, Sample
 from cme_rewards.batching import BatchLimits, Overloaded, TooManyItems
@@ -31,13 +37,44 @@ from cme_rewards.retry import is_transient
 from cme_rewards.server.metrics import Metrics
 from cme_rewards.server.options import ServerOptions
 from cme_rewards.server.schemas import GetRewardRequest, ScoreRequest, ScoreResponse
-from cme_rewards.server.security import BodySizeLimit, RequestAccounting, TokenGuard
+from cme_rewards.server.security import (
+    BodySizeLimit,
+    RequestAccounting,
+    RequestLifetime,
+    TokenGuard,
+)
 
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER = {"Retry-After": "1"}
 ROUTES = ("/get_reward", "/score", "/health", "/metrics", "/docs", "/openapi.json")
 """Paths the server answers (metrics count every other path under one label)."""
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON in ASCII (lone surrogates become escapes, not encoding errors); NaN and infinities raise."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(
+            content, ensure_ascii=True, allow_nan=False, separators=(",", ":")
+        ).encode()
+
+
+UNRECOVERED = "unrecovered"
+"""``prompt_sources`` key of OpenRLHF samples whose prompt could not be recovered at all."""
+
+
+def recovery_failure(prompt: str, exc: Exception) -> str:
+    """The ``error`` of a sample whose prompt recovery raised (it gets the floor reward)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        return "undecodable text in prompt"
+    return f"prompt recovery failed: {type(exc).__name__}: {exc}"[:300]
+
+
+MAX_VALIDATION_ERRORS = 20
+"""422 answers list at most this many problems (location, message, type; never the input)."""
 
 
 @dataclass(frozen=True)
@@ -58,10 +95,10 @@ def create_app(
     """
     config = config or ServerConfig()
     opts = config.server
-    if opts.max_samples > config.limits.max_queue:
-        raise ValueError(
-            f"max_samples: {opts.max_samples} is more than max_queue={config.limits.max_queue}"
-        )
+    # A request larger than the queue could never enter it: the smaller limit is the one that holds.
+    max_samples, limit_name = min(
+        (opts.max_samples, "max_samples"), (config.limits.max_queue, "max_queue")
+    )
     recovery = recovery or PromptRecovery()
     metrics = Metrics(routes=ROUTES)
     batched = BatchedScorer(scorer, config.limits, on_batch=metrics.record_batch)
@@ -73,40 +110,40 @@ def create_app(
         await asyncio.to_thread(batched.close)
 
     docs = {} if opts.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="cme-rewards", version="1", lifespan=lifespan, **docs)
+    app = FastAPI(
+        title="cme-rewards",
+        version="1",
+        lifespan=lifespan,
+        default_response_class=AsciiJSONResponse,
+        **docs,
+    )
     app.state.batched = batched
     app.state.metrics = metrics
+    # Innermost first; a request passes accounting, the token, its lifetime, then the body limit.
     app.add_middleware(BodySizeLimit, max_bytes=opts.max_body_bytes)
+    app.add_middleware(
+        RequestLifetime,
+        timeout=opts.request_timeout,
+        on_timeout=lambda: metrics.record_error("timeout"),
+    )
     app.add_middleware(TokenGuard, token=opts.token, open_paths=("/health",))
     app.add_middleware(RequestAccounting, metrics=metrics)  # outermost: sees every status
 
     def check_size(n: int) -> None:
-        if n > opts.max_samples:
+        if n > max_samples:
             metrics.record_error("too_many_samples")
             raise HTTPException(
                 413,
-                f"{n} samples in one request; the server takes at most max_samples={opts.max_samples}",
+                f"{n} samples in one request; the server takes at most {limit_name}={max_samples}",
             )
 
     async def scored(prepare: Callable[[], list[Sample | CMEResult]]) -> list[CMEResult]:
-        """Run ``prepare`` in a thread, score its samples; the whole within ``request_timeout``."""
-
-        async def work() -> list[CMEResult]:
+        """Run ``prepare`` in a worker thread, then score its samples (``RequestLifetime`` bounds
+        the whole request and cancels it when its client hangs up)."""
+        try:
             items = await asyncio.to_thread(prepare)
             todo = [i for i, item in enumerate(items) if isinstance(item, Sample)]
             results = await batched.score_many_async([items[i] for i in todo])
-            out = list(items)
-            for i, result in zip(todo, results, strict=True):
-                out[i] = result
-            return out  # type: ignore[return-value]
-
-        try:
-            return await asyncio.wait_for(work(), opts.request_timeout)
-        except asyncio.TimeoutError:
-            metrics.record_error("timeout")
-            raise HTTPException(
-                503, f"not scored within request_timeout={opts.request_timeout} s", RETRY_AFTER
-            ) from None
         except TooManyItems as exc:
             metrics.record_error("too_many_samples")
             raise HTTPException(413, str(exc)) from None
@@ -117,8 +154,22 @@ def create_app(
                 "overloaded" if isinstance(exc, Overloaded) else type(exc).__name__
             )
             raise HTTPException(503, f"{type(exc).__name__}: {exc}"[:300], RETRY_AFTER) from None
+        out = list(items)
+        for i, result in zip(todo, results, strict=True):
+            out[i] = result
+        return out  # type: ignore[return-value]
 
-    @app.post("/get_reward")
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 naming each bad field, without echoing the (possibly huge or hostile) input."""
+        errors = exc.errors()
+        detail = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
+            for e in errors[:MAX_VALIDATION_ERRORS]
+        ]
+        return AsciiJSONResponse({"detail": detail, "n_errors": len(errors)}, status_code=422)
+
+    @app.post("/get_reward", response_class=AsciiJSONResponse)
     async def get_reward(body: GetRewardRequest) -> dict[str, Any]:
         """OpenRLHF's remote reward protocol: ``{query, prompts, labels}`` -> ``{rewards, scores, extra_logs}``."""
         check_size(len(body.query))
@@ -128,7 +179,12 @@ def create_app(
         def prepare() -> list[Sample | CMEResult]:
             items: list[Sample | CMEResult] = []
             for query, prompt, label in zip(body.query, body.prompts, labels, strict=True):
-                rec = recovery.recover(query, prompt, label)
+                try:
+                    rec = recovery.recover(query, prompt, label)
+                except Exception as exc:  # e.g. a tokenizer refusing a lone surrogate
+                    sources[UNRECOVERED] += 1
+                    items.append(floored(recovery_failure(prompt, exc), scorer.options))
+                    continue
                 sources[rec.source] += 1
                 if rec.error is not None:
                     items.append(floored(rec.error, scorer.options))
@@ -140,7 +196,7 @@ def create_app(
         metrics.record_samples(len(results), sum(r.error is not None for r in results), sources)
         return openrlhf_reply(results)
 
-    @app.post("/score")
+    @app.post("/score", response_class=AsciiJSONResponse)
     async def score(body: ScoreRequest) -> ScoreResponse:
         """Native batch: ``{samples: [{prompt, response, id?, group?}]}`` -> ``{results: [...]}``."""
         check_size(len(body.samples))
@@ -165,7 +221,7 @@ def create_app(
             ]
         )
 
-    @app.get("/health")
+    @app.get("/health", response_class=AsciiJSONResponse)
     async def health() -> dict[str, Any]:
         """Liveness: the verifier is loaded and the batcher runs (no token needed)."""
         return {
@@ -174,7 +230,7 @@ def create_app(
             "device": str(getattr(scorer, "device", "")),
         }
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=AsciiJSONResponse)
     async def get_metrics() -> dict[str, Any]:
         """Counters: requests, samples, tokens/s, queue depth, batch sizes, errors, latency."""
         snap = metrics.snapshot(batched.batcher.queue_depth, batched.batcher.busy)
@@ -183,7 +239,7 @@ def create_app(
             "max_batch_size": config.limits.max_batch_size,
             "max_wait_ms": config.limits.max_wait_ms,
             "max_queue": config.limits.max_queue,
-            "max_samples": opts.max_samples,
+            "max_samples": max_samples,
         }
         return snap
 

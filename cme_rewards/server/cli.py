@@ -70,7 +70,8 @@ def parse_options(
         given["token"] = os.environ[TOKEN_ENV]
     scorer, limits, recovery, server = from_values(classes, given, flag, strings=True)
     scorer.check_here(flag)
-    if server.max_samples > limits.max_queue:
+    # Unless --max-samples is given, a smaller --max-queue also bounds the samples of a request.
+    if "max_samples" in given and server.max_samples > limits.max_queue:
         raise OptionError(
             flag("max_samples"),
             f"{server.max_samples} is more than --max-queue {limits.max_queue}: such a request "
@@ -107,10 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recovery = recovery_options.build()
     except Exception as exc:
-        print(f"cme-rewards serve: error: --policy-tokenizer: {exc}", file=sys.stderr)
+        print(
+            f"cme-rewards serve: error: --policy-tokenizer {recovery_options.policy_tokenizer!r}: "
+            f"{exc}",
+            file=sys.stderr,
+        )
         return 2
     if (warning := recovery.startup_warning()) is not None:
-        logger.warning(warning)
+        logger.warning("%s", warning)
     try:
         scorer = CMEScorer(options=options)
     except (OptionError, OSError) as exc:
@@ -118,10 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     app = create_app(scorer, recovery, ServerConfig(limits=limits, server=server_options))
     logger.info(
-        "serving %r on http://%s:%d (device %s)",
+        "serving %r on %r (device %s)",
         scorer.verifier_name,
-        args.host,
-        args.port,
+        f"http://{args.host}:{args.port}",
         scorer.device,
     )
     uvicorn.run(

@@ -13,16 +13,22 @@ from cme_rewards.batching import BatchStats
 OTHER_PATHS = "other"
 """The ``requests`` key of every path the server does not serve."""
 
+CLIENT_CLOSED = 499
+"""Status recorded for a request whose client hung up before it was answered (as nginx does)."""
+
 ERROR_KINDS = {
     400: "bad_request",
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    408: "body_timeout",
     413: "too_large",
     422: "invalid",
+    CLIENT_CLOSED: "client_closed",
     500: "internal",
     503: "unavailable",
 }
+"""``errors`` key of each status code (others count under the code itself)."""
 
 
 def _percentile(sorted_values: list[float], q: float) -> float | None:
@@ -78,7 +84,8 @@ class Metrics:
         """One HTTP request finished with ``status`` after ``seconds``.
 
         Counted by route: a path the server does not serve counts under ``OTHER_PATHS``, so a
-        client cannot grow the table (it holds at most ``len(routes) + 1`` keys).
+        client cannot grow the table (it holds at most ``len(routes) + 1`` keys); statuses and
+        error kinds come from the server's own small sets, never from the request.
         """
         route = path if path in self.routes else OTHER_PATHS
         with self._lock:

@@ -59,6 +59,6 @@ class ScoreRequest(BaseModel):
 
 
 class ScoreResponse(BaseModel):
-    """``POST /score`` reply: SPEC.md's fields per sample, in request order."""
+    """``POST /score`` reply: per sample its ``id`` and the shared result fields, in request order."""
 
     results: list[dict[str, Any]]

@@ -1,7 +1,9 @@
-"""Request guards: bearer token (401), body size limit (413), and per-request accounting."""
+"""Request guards: bearer token (401), body size limit (413), request lifetime (timeout and
+client hang-up), and per-request accounting."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -11,7 +13,7 @@ from urllib.parse import unquote_to_bytes
 
 from fastapi import HTTPException
 
-from cme_rewards.server.metrics import Metrics
+from cme_rewards.server.metrics import CLIENT_CLOSED, Metrics
 
 TOKEN_ENV = "CME_REWARDS_TOKEN"
 """Environment variable holding the bearer token when ``--token`` is not given."""
@@ -109,8 +111,114 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
+class RequestLifetime:
+    """ASGI middleware bounding a request's life: ``timeout`` seconds, and no longer than its client.
+
+    The rest of the app runs as a task, which is cancelled when
+
+    - ``timeout`` seconds have passed since the request's headers arrived (body upload, parsing,
+      prompt recovery, tokenization, queueing and scoring all count): the answer is 408 if the body
+      had not all arrived yet, else 503 with ``Retry-After`` (``on_timeout`` is called);
+    - the client hangs up after sending its body: nobody is left to answer.
+
+    Cancelling the task takes the request's waiting samples out of the micro-batch queue, so work
+    nobody waits for is never computed.
+    """
+
+    def __init__(
+        self, app: ASGIApp, timeout: float, on_timeout: Callable[[], None] | None = None
+    ) -> None:
+        self.app = app
+        self.timeout = timeout
+        self.on_timeout = on_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        body_done = asyncio.Event()
+        started = finished = False
+
+        async def watch() -> Message:
+            """After the body, the server's next message is ``http.disconnect`` (or the end)."""
+            await body_done.wait()
+            return await receive()
+
+        watcher: asyncio.Task[Message] = asyncio.ensure_future(watch())
+
+        async def app_receive() -> Message:
+            if body_done.is_set():  # asked again after the body: what the watcher hears
+                return await asyncio.shield(watcher)
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done.set()
+            return message
+
+        async def app_send(message: Message) -> None:
+            nonlocal started, finished
+            if message["type"] == "http.response.start":
+                started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished = True
+            await send(message)
+
+        handler = asyncio.ensure_future(self.app(scope, app_receive, app_send))
+        try:
+            waiting: set[asyncio.Future[Any]] = {handler, watcher}
+            while True:
+                done, _ = await asyncio.wait(
+                    waiting,
+                    timeout=max(0.0, deadline - loop.time()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if handler in done:
+                    handler.result()  # re-raises the app's exception, if any
+                    return
+                if watcher in done:
+                    waiting = {handler}
+                    hung_up = (
+                        watcher.cancelled()
+                        or watcher.exception() is not None
+                        or watcher.result()["type"] == "http.disconnect"
+                    )
+                    if hung_up and not finished:
+                        await _cancel(handler)
+                        return
+                    continue
+                # the deadline passed
+                await _cancel(handler)
+                if started:
+                    return  # a response is under way; the server closes the connection
+                if not body_done.is_set():
+                    detail = f"request body not received within request_timeout={self.timeout:g} s"
+                    await _send_json(send, 408, detail, [(b"connection", b"close")])
+                    return
+                if self.on_timeout is not None:
+                    self.on_timeout()
+                detail = f"not scored within request_timeout={self.timeout:g} s"
+                await _send_json(send, 503, detail, [(b"retry-after", b"1")])
+                return
+        finally:
+            for task in (watcher, handler):
+                if not task.done():
+                    task.cancel()
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and wait until its clean-up (``finally`` blocks) has run."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved: it ended with an error while being cancelled
+
+
 class RequestAccounting:
-    """ASGI middleware recording every HTTP request's path, status and latency in ``metrics``."""
+    """ASGI middleware recording every HTTP request's route, status and latency in ``metrics``.
+
+    A request that ends without a response (its client hung up first) counts as status 499.
+    """
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -121,7 +229,7 @@ class RequestAccounting:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500
+        status: int | None = None
 
         async def record_send(message: Message) -> None:
             nonlocal status
@@ -131,5 +239,10 @@ class RequestAccounting:
 
         try:
             await self.app(scope, receive, record_send)
+        except BaseException:
+            status = status or 500
+            raise
         finally:
-            self.metrics.record_request(scope.get("path", ""), status, time.perf_counter() - start)
+            self.metrics.record_request(
+                scope.get("path", ""), status or CLIENT_CLOSED, time.perf_counter() - start
+            )

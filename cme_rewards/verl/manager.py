@@ -12,8 +12,14 @@ Per sample:
   with the policy tokenizer (special tokens skipped) as one user message;
 - response: the valid response ids decoded with the policy tokenizer (special tokens skipped), then
   re-tokenized with the verifier's tokenizer, so policy and verifier may come from different families;
+  in a multi-turn / tool conversation only the assistant's own turns are scored, each after the
+  conversation before it (:mod:`cme_rewards.verl.turns`);
+- the group floor: a sample that cannot be scored gets just below its group's worst scored member
+  (:mod:`cme_rewards.verl.board`), which also logs the per-step ``cme/*`` metrics;
+- the reward: ``cme_weight * cme`` plus the weighted ``combine_with`` terms
+  (:mod:`cme_rewards.verl.terms`);
 - ``reward_extra_info``: ``cme`` (nats), ``n_tokens``, ``truncated`` and ``error`` (``""`` when
-  none), the same keys for every sample, shown in veRL's logs.
+  none), then each combined term by name: the same keys for every sample, shown in veRL's logs.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -35,7 +42,8 @@ from cme_rewards.verl.settings import CMESettings, CMESettingsError, config_key
 logger = logging.getLogger(__name__)
 
 EXTRA_INFO_KEYS = ("cme", "n_tokens", "truncated", "error")
-"""Keys of every sample's ``reward_extra_info`` (veRL takes the key set from the first sample)."""
+"""Keys of every sample's ``reward_extra_info`` (veRL takes the key set from the first sample),
+followed by the names of the ``combine_with`` terms."""
 
 ROUTE_FN_PATH = "pkg://cme_rewards.verl"
 ROUTE_FN_NAME = "route_to_cme"
@@ -69,6 +77,11 @@ def _cfg(config: Any, *keys: str) -> Any:
     return config
 
 
+def _scalar(value: Any) -> Any:
+    """A numpy scalar / 0-d array as a Python value."""
+    return value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value
+
+
 @register("cme")
 class CMERewardManager(RewardManagerBase):
     """Cross-Model Entropy reward for veRL's reward loop (see the module docstring).
@@ -76,7 +89,8 @@ class CMERewardManager(RewardManagerBase):
     Args (as veRL's ``load_reward_manager`` passes them):
         config: the whole trainer config; ``reward.cme`` holds this manager's settings.
         tokenizer: the policy's tokenizer.
-        compute_score: veRL's reward function slot (unused: the verifier is the reward).
+        compute_score: veRL's reward function slot: the ``compute_score`` term of
+            ``reward.cme.combine_with`` (CME itself does not use it).
         reward_router_address: ``host:port`` of veRL's reward-model router, when enabled.
         reward_model_tokenizer: the tokenizer of ``reward.reward_model.model_path``, when enabled.
     """
@@ -93,6 +107,12 @@ class CMERewardManager(RewardManagerBase):
         self.settings = CMESettings.from_verl_config(config)
         self.reward_router_address = reward_router_address
         self._check_routing(config)
+        self._check_metrics_logger()
+        from cme_rewards.verl.terms import build_terms
+
+        self.terms = build_terms(self.settings.verl.combine_with, compute_score, config)
+        self.group_size = int(_cfg(config, "actor_rollout_ref", "rollout", "n") or 1)
+        self._board = self._make_board(config)
         self._actor = None
         self._remote = None
         if self.settings.verl.backend == "local":
@@ -115,6 +135,31 @@ class CMERewardManager(RewardManagerBase):
                 f"custom reward function is set; add reward.custom_reward_function.path={ROUTE_FN_PATH} "
                 f"reward.custom_reward_function.name={ROUTE_FN_NAME} to route samples to cme",
             )
+
+    def _check_metrics_logger(self) -> None:
+        from verl.utils.tracking import Tracking
+
+        bad = [b for b in self.settings.verl.metrics_logger if b not in Tracking.supported_backend]
+        if bad:
+            raise CMESettingsError(
+                config_key("metrics_logger"),
+                f"{bad[0]!r} is not a veRL tracking backend; use any of "
+                f"{', '.join(Tracking.supported_backend)}",
+            )
+
+    def _make_board(self, config: Any) -> Any:
+        from cme_rewards.verl.board import BOARD_PREFIX, get_group_board
+
+        batch = _cfg(config, "data", "train_batch_size")
+        kwargs = {
+            "margin": self.settings.scorer.floor_margin,
+            "step_size": int(batch) * self.group_size if batch else None,
+            "metrics_logger": tuple(self.settings.verl.metrics_logger),
+            "project": str(_cfg(config, "trainer", "project_name") or "cme_rewards"),
+            "experiment": str(_cfg(config, "trainer", "experiment_name") or "cme"),
+        }
+        key = hashlib.sha256(repr(sorted(kwargs.items())).encode()).hexdigest()[:12]
+        return get_group_board(f"{BOARD_PREFIX}_{key}", **kwargs)
 
     def _make_remote(self, reward_model_tokenizer: Any) -> Any:
         from cme_rewards.remote import load_verifier_tokenizer, make_remote_verifier
@@ -158,28 +203,45 @@ class CMERewardManager(RewardManagerBase):
 
     # -- per sample ------------------------------------------------------------------------------
 
-    def _prompt_and_response(self, item: Any) -> tuple[Any, str]:
-        """The sample's prompt (chat messages, or decoded text) and decoded response text."""
-        response_ids = item.batch["responses"]
-        response_length = response_ids.shape[-1]
-        mask = item.batch["attention_mask"]
-        valid = int(mask[-response_length:].sum())
-        response = self.tokenizer.decode(response_ids[:valid], skip_special_tokens=True)
+    def _prompt(self, item: Any, mask: Any) -> Any:
         raw = item.non_tensor_batch.get("raw_prompt")
         if raw is not None:
-            prompt: Any = [dict(m) for m in list(raw)]
-        else:
-            prompt_ids = item.batch["prompts"]
-            prompt_mask = mask[: prompt_ids.shape[-1]].bool()
-            prompt = self.tokenizer.decode(prompt_ids[prompt_mask], skip_special_tokens=True)
-        return prompt, response
+            return [dict(m) for m in list(raw)]
+        prompt_ids = item.batch["prompts"]
+        prompt_mask = mask[: prompt_ids.shape[-1]].bool()
+        return self.tokenizer.decode(prompt_ids[prompt_mask], skip_special_tokens=True)
 
-    async def _score(self, prompt: Any, response: str, uid: str | None) -> dict[str, Any]:
+    def _response(self, item: Any) -> tuple[list[int], list[tuple[bool, str]] | None]:
+        """The valid response ids and, for a multi-turn conversation, its turns (else ``None``)."""
+        from cme_rewards.verl.turns import conversation, segments_from_mask, segments_from_template
+
+        response_ids = item.batch["responses"]
+        n = response_ids.shape[-1]
+        valid = int(item.batch["attention_mask"][-n:].sum())
+        ids = [int(t) for t in response_ids[:valid]]
+        if "response_mask" in item.batch.keys():  # noqa: SIM118 - a TensorDict; veRL's mask
+            mask = item.batch["response_mask"][:valid]
+            if bool(mask.all()):
+                return ids, None
+            return ids, conversation(segments_from_mask(ids, mask.tolist()), self.tokenizer)
+        turns = _scalar(item.non_tensor_batch.get("__num_turns__"))
+        if turns is None or int(turns) <= 2:  # the prompt and one assistant turn
+            return ids, None
+        segments = segments_from_template(ids, self.tokenizer)
+        if sum(s.assistant for s in segments) <= 1 and all(s.assistant for s in segments):
+            return ids, None
+        return ids, conversation(segments, self.tokenizer)
+
+    async def _score(
+        self, prompt: Any, response: str, turns: list[tuple[bool, str]] | None, uid: str | None
+    ) -> dict[str, Any]:
         if self._remote is not None:
             from cme_rewards.remote import RemoteVerifierUnavailable
 
             try:
-                return (await self._remote.score(prompt, response, id=uid)).to_dict()
+                if turns is None:
+                    return (await self._remote.score(prompt, response, id=uid)).to_dict()
+                return (await self._remote_turns(prompt, turns, uid)).to_dict()
             except RemoteVerifierUnavailable as exc:
                 raise RuntimeError(
                     f"cme remote verifier ({config_key('url')}) is down: {exc}"
@@ -189,24 +251,56 @@ class CMERewardManager(RewardManagerBase):
         def transient(exc: BaseException) -> bool:
             return is_transient(getattr(exc, "cause", None) or exc)  # Ray wraps the actor's error
 
+        def call() -> Any:
+            if turns is None:
+                return self._actor.score.remote(prompt, response, uid)
+            return self._actor.score_turns.remote(prompt, turns, uid)
+
         return await retry_async(
-            lambda: self._actor.score.remote(prompt, response, uid),
+            call,
             what="cme verifier actor",
             tries=self.settings.remote.max_retries,
             transient=transient,
         )
 
+    async def _remote_turns(self, prompt: Any, turns: list[tuple[bool, str]], uid: str | None):
+        from cme_rewards.verl.turns import combine_turns, turns_for_verifier
+
+        pairs = turns_for_verifier(self._remote.encode, prompt, turns)
+        results = await asyncio.gather(
+            *(self._remote.score(p, r, id=uid, keep_token_logprobs=True) for p, r in pairs)
+        )
+        return combine_turns(results, self.settings.scorer, id=uid)
+
     async def run_single(self, data: DataProto) -> dict[str, Any]:
         """Score one sample (the last row of ``data``); returns veRL's ``reward_score`` dict."""
+        from cme_rewards.verl.terms import term_values, weighted
+
         item = data[-1:][0]
-        uid = item.non_tensor_batch.get("uid")
+        ntb = item.non_tensor_batch
+        uid = _scalar(ntb.get("uid"))
         uid = None if uid is None else str(uid)
-        prompt, response = self._prompt_and_response(item)
-        result = await self._score(prompt, response, uid)
+        step = _scalar(ntb.get("global_steps"))
+        step = int(step) if step is not None else None
+        mask = item.batch["attention_mask"]
+        ids, turns = self._response(item)
+        response = self.tokenizer.decode(ids, skip_special_tokens=True)
+        prompt = self._prompt(item, mask)
+        result, values = await asyncio.gather(
+            self._score(prompt, response, turns, uid),
+            term_values(self.terms, item, response, len(ids), self.config, uid),
+        )
+        s = self.settings
+        group_floor = await self._board.settle.remote(
+            uid, step, result, self.group_size, s.verl.group_wait_s, values
+        )
+        cme = float(result["cme"]) if group_floor is None else float(group_floor)
         info = {
-            "cme": float(result["cme"]),
+            "cme": cme,
             "n_tokens": int(result["n_tokens"]),
             "truncated": bool(result["truncated"]),
             "error": result["error"] or "",
+            **values,
         }
-        return {"reward_score": info["cme"], "reward_extra_info": info}
+        reward = weighted(cme, s.verl.cme_weight, self.terms, values)
+        return {"reward_score": reward, "reward_extra_info": info}

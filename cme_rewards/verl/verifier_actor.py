@@ -5,7 +5,8 @@ in each would load it that many times, on a device Ray did not give them. Instea
 a node starts a named Ray actor, :class:`VerifierActor`, that reserves ``reward.cme.num_gpus`` (a
 fraction lets a small verifier share a GPU; 0 runs it on CPU) and ``reward.cme.num_cpus``; the other
 workers find it by name (``get_if_exists``). Its async :meth:`VerifierActor.score` is called once per
-sample; concurrent calls from all workers are coalesced into one :meth:`cme_rewards.CMEScorer.score`
+sample (:meth:`VerifierActor.score_turns` for a multi-turn conversation, one entry per assistant
+turn); concurrent calls from all workers are coalesced into one :meth:`cme_rewards.CMEScorer.score`
 batch by :class:`cme_rewards.batched_scorer.BatchedScorer`.
 """
 
@@ -20,6 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from cme_rewards.batched_scorer import BatchedScorer, Sample
 from cme_rewards.batching import BatchStats
 from cme_rewards.verl.settings import CMESettings, CMESettingsError, config_key
+from cme_rewards.verl.turns import combine_turns, turns_for_verifier
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,9 @@ class VerifierActor:
         self.scorer = CMEScorer(options=settings.scorer.replace(device=actor_device(settings)))
         self.calls = 0
         self.batches: list[int] = []
-        self.batched = BatchedScorer(self.scorer, settings.batch, on_batch=self._count)
+        self.batched = BatchedScorer(
+            _KeepTokenLogprobs(self.scorer), settings.batch, on_batch=self._count
+        )
 
     def _count(self, stats: BatchStats) -> None:
         self.batches.append(stats.size)
@@ -62,6 +66,32 @@ class VerifierActor:
         self.calls += 1
         result = await self.batched.score_async(Sample(prompt=prompt, response=response, id=id))
         return result.to_dict()
+
+    async def score_turns(
+        self, prompt: Any, turns: list[tuple[bool, str]], id: str | None = None
+    ) -> dict[str, Any]:
+        """Score a multi-turn conversation's assistant turns (``[(is_assistant, text)]`` after
+        ``prompt``) as one sample; see :mod:`cme_rewards.verl.turns`."""
+        self.calls += 1
+        pairs = turns_for_verifier(self.scorer.encode, prompt, turns)
+        samples = [Sample(prompt=p, response=r, id=id) for p, r in pairs]
+        results = await self.batched.score_many_async(samples) if samples else []
+        return combine_turns(results, self.scorer.options, id=id).to_dict()
+
+
+class _KeepTokenLogprobs:
+    """The scorer, returning per-token log-probs too (multi-turn ``min_k`` needs them)."""
+
+    def __init__(self, scorer: Any) -> None:
+        self.inner = scorer
+        self.options = scorer.options
+        self.verifier_name = scorer.verifier_name
+
+    def encode(self, prompt: Any, response: str) -> Any:
+        return self.inner.encode(prompt, response)
+
+    def score(self, prompts: Any, responses: Any, **kwargs: Any) -> Any:
+        return self.inner.score(prompts, responses, return_token_logprobs=True, **kwargs)
 
 
 def actor_device(settings: CMESettings) -> str:
@@ -115,5 +145,5 @@ def get_verifier_actor(settings: CMESettings) -> ray.actor.ActorHandle:
         raise CMESettingsError(
             config_key("verifier"), f"the verifier actor failed to start: {exc}"
         ) from exc
-    logger.info("cme verifier actor %s ready: %s", name, info)
+    logger.info("cme verifier actor %r ready: %r", name, info)
     return handle

@@ -13,18 +13,23 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cme_rewards.io import InputError, read_jsonl
+from cme_rewards.io import InputError, read_jsonl, shown
 
 WINNER_SCORES = {"model": 1.0, "baseline": 0.0, "tie": 0.5}
 ORDERS = ("model_first", "baseline_first")
 DROP_NAN = "nan_preference"
 DROP_ERROR = "judge_error"
+UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+"""Unicode categories not allowed in a name (model, baseline, judge): controls, format marks such
+as right-to-left overrides, lone surrogates, line and paragraph separators. Names are printed in
+tables, where such characters would forge or garble lines."""
 
 
 @dataclass(frozen=True)
@@ -76,17 +81,19 @@ def parse_preference(value: Any, field_name: str = "preference") -> float:
     if value is None:
         return math.nan
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise _BadField(field_name, f"expected a number in [1, 2], got {value!r}")
+        raise _BadField(field_name, f"expected a number in [1, 2], got {_short(value)}")
     try:
         p = float(value.strip()) if isinstance(value, str) else float(value)
-    except ValueError:
-        raise _BadField(field_name, f"not a number: {value!r}") from None
+    except (ValueError, OverflowError):
+        raise _BadField(field_name, f"not a number in [1, 2]: {_short(value)}") from None
     if math.isnan(p):
         return math.nan
     if p == 0.0:
         return 1.5
     if not 1.0 <= p <= 2.0:
-        raise _BadField(field_name, f"{value!r} is outside [1, 2] (2 = model wins, 1.5 = tie)")
+        raise _BadField(
+            field_name, f"{_short(value)} is outside [1, 2] (2 = model wins, 1.5 = tie)"
+        )
     return p
 
 
@@ -105,6 +112,21 @@ def _text(record: dict, name: str, *, required: bool = True) -> str | None:
     return value
 
 
+def _name(record: dict, name: str, *, required: bool = True) -> str | None:
+    """A text field that names something (printed in tables): no unprintable characters."""
+    value = _text(record, name, required=required)
+    for ch in value or "":
+        if unicodedata.category(ch) in UNPRINTABLE:
+            raise _BadField(name, f"contains the unprintable character {ch!r} in {_short(value)}")
+    return value
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to about ``limit`` characters (error messages quote input this way)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _length(record: dict, name: str) -> int | None:
     text = _text(record, name, required=False)
     return None if text is None else len(text)
@@ -116,7 +138,7 @@ def _judge_error(record: dict) -> bool:
     if error is None or error is False or error == "":
         return False
     if not isinstance(error, str):
-        raise _BadField("error", f"expected a string or null, got {error!r}")
+        raise _BadField("error", f"expected a string or null, got {_short(error)}")
     return True
 
 
@@ -124,9 +146,9 @@ def judgment_from_record(record: Any) -> Judgment | tuple[str, str, str, str]:
     """Judgment JSONL record -> :class:`Judgment`, or a drop key ``(model, baseline, judge, reason)``."""
     if not isinstance(record, dict):
         raise _BadField("<line>", f"expected a JSON object, got {type(record).__name__}")
-    model = _text(record, "model")
-    baseline = _text(record, "baseline")
-    judge = _text(record, "judge", required=False) or "judge"
+    model = _name(record, "model")
+    baseline = _name(record, "baseline")
+    judge = _name(record, "judge", required=False) or "judge"
     prompt = _text(record, "id", required=False) or _text(record, "instruction", required=False)
     if prompt is None:
         raise _BadField("id", "missing (and no 'instruction' to fall back on)")
@@ -134,11 +156,13 @@ def judgment_from_record(record: Any) -> Judgment | tuple[str, str, str, str]:
         return (model, baseline, judge, DROP_ERROR)
     order = record.get("order")
     if order is not None and order not in ORDERS:
-        raise _BadField("order", f"unknown value {order!r} (expected one of {', '.join(ORDERS)})")
-    winner = record.get("winner")
-    if winner is not None and winner not in WINNER_SCORES:
         raise _BadField(
-            "winner", f"unknown label {winner!r} (expected one of {', '.join(WINNER_SCORES)})"
+            "order", f"unknown value {_short(order)} (expected one of {', '.join(ORDERS)})"
+        )
+    winner = record.get("winner")
+    if winner is not None and (not isinstance(winner, str) or winner not in WINNER_SCORES):
+        raise _BadField(
+            "winner", f"unknown label {_short(winner)} (expected one of {', '.join(WINNER_SCORES)})"
         )
     has_pref = record.get("preference") is not None
     if winner is None and not has_pref:
@@ -169,9 +193,9 @@ def judgment_from_annotation(record: Any) -> Judgment | tuple[str, str, str, str
     """AlpacaEval annotation (``output_1``/``generator_1`` = baseline, ``_2`` = model) -> Judgment."""
     if not isinstance(record, dict):
         raise _BadField("<record>", f"expected a JSON object, got {type(record).__name__}")
-    baseline = _text(record, "generator_1")
-    model = _text(record, "generator_2")
-    judge = _text(record, "annotator", required=False) or "alpaca_eval"
+    baseline = _name(record, "generator_1")
+    model = _name(record, "generator_2")
+    judge = _name(record, "annotator", required=False) or "alpaca_eval"
     prompt = _text(record, "instruction")
     if "preference" not in record:
         raise _BadField("preference", "missing")
@@ -199,7 +223,7 @@ def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise InputError(
-            f"{path}:{line}: not valid UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})"
+            f"{shown(path)}:{line}: not valid UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})"
         ) from None
     decoder = json.JSONDecoder()
     pos, line, n = 0, 1, len(text)
@@ -210,7 +234,7 @@ def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
         return i
 
     def fail(msg: str, at: int) -> InputError:
-        return InputError(f"{path}:{text.count(chr(10), 0, at) + 1}: {msg}")
+        return InputError(f"{shown(path)}:{text.count(chr(10), 0, at) + 1}: {msg}")
 
     pos = skip_ws(pos)
     if pos >= n or text[pos] != "[":
@@ -226,6 +250,10 @@ def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             raise fail(f"malformed JSON: {exc.msg}", exc.pos) from None
+        except RecursionError:
+            raise fail("malformed JSON: nested too deeply", pos) from None
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits
+            raise fail(f"malformed JSON: {exc}", pos) from None
         line += text.count("\n", last, pos)
         last = pos
         yield line, value
@@ -251,7 +279,7 @@ def load_file(path: str | Path) -> Judgments:
     """Read one file: a JSON array is taken as AlpacaEval annotations, anything else as JSONL."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: no such file")
+        raise InputError(f"{shown(path)}: no such file")
     out = Judgments(files=[str(path)])
     if _is_json_array(path):
         items: Iterable[tuple[int, Any]] = _iter_json_array(path)
@@ -264,7 +292,7 @@ def load_file(path: str | Path) -> Judgments:
             result = convert(record)
         except _BadField as exc:
             label = f"line {line}" if where == "line" else f"line {line} (record {index})"
-            raise InputError(f"{path}: {label}: {exc}") from None
+            raise InputError(f"{shown(path)}: {label}: {exc}") from None
         if isinstance(result, Judgment):
             out.rows.append(result)
         else:
@@ -280,7 +308,8 @@ def load_judgments(paths: Iterable[str | Path]) -> Judgments:
     if not out.rows:
         dropped = sum(out.dropped.values())
         detail = f" ({dropped} rows dropped: {dict(_reasons(out.dropped))})" if dropped else ""
-        raise InputError(f"no usable judgments in {', '.join(out.files) or 'the input'}{detail}")
+        files = ", ".join(map(shown, out.files)) or "the input"
+        raise InputError(f"no usable judgments in {files}{detail}")
     return out
 
 

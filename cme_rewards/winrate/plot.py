@@ -1,10 +1,11 @@
-"""Forest plot of win rates with their intervals (matplotlib, Agg backend, imported only here)."""
+"""Forest plot of win rates with their intervals (matplotlib, imported only when plotting)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
+from cme_rewards.plotting import pyplot
 from cme_rewards.winrate.results import ComparisonResult
 
 
@@ -13,10 +14,7 @@ def forest_plot(
 ) -> None:
     """One row per (model, judge): tie-adjusted and mean-preference win rates with their primary
     intervals, and the length-controlled rate where there is one; a dashed line at 50%."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = [f"{r.model} vs {r.baseline}\n{r.judge}" for r in results]
     series = [

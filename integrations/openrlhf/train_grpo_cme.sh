@@ -17,17 +17,23 @@ PROMPT_KEY=${PROMPT_KEY:-instruction}
 NGPUS=${NGPUS:-8}
 PORT=${PORT:-5000}
 SAVE=${SAVE:-./ckpt/grpo_cme}
+N_SAMPLES=${N_SAMPLES:-8}   # GRPO group size: --rollout.n_samples_per_prompt and CME_REWARDS_GROUP_SIZE
 
 case "$MODE" in
   file)
-    REWARD_URL=$(cme-rewards openrlhf-reward-file --check)  # the path of cme_rewards/openrlhf/reward_func.py
     # Read by reward_func in each rollout actor (a local Ray cluster inherits this environment;
     # with `ray job submit`, pass them in --runtime-env-json instead).
     export CME_REWARDS_VERIFIER=$VERIFIER
     export CME_REWARDS_POLICY_TOKENIZER=$POLICY
     export CME_REWARDS_DEVICE=${CME_REWARDS_DEVICE:-auto}
     export CME_REWARDS_GPU_MEMORY_FRACTION=${CME_REWARDS_GPU_MEMORY_FRACTION:-0.1}
+    # A sample that cannot be scored waits for its group and gets just under its worst member.
+    export CME_REWARDS_GROUP_SIZE=$N_SAMPLES
     VLLM_MEM=${VLLM_MEM:-0.5}    # vLLM's share + the verifier's share + training must fit on the GPU
+    # --check: every CME_REWARDS_* variable, then load the verifier and score a probe; prints the file.
+    CME_FILE=$(cme-rewards openrlhf-reward-file --check)
+    # REWARD_FILE=integrations/openrlhf/composed_reward.py (or your own) adds terms to CME.
+    REWARD_URL=${REWARD_FILE:-$CME_FILE}
     ;;
   server)
     REWARD_URL="http://127.0.0.1:${PORT}/get_reward${CME_REWARDS_TOKEN:+?token=$CME_REWARDS_TOKEN}"
@@ -48,7 +54,7 @@ python3 -m openrlhf.cli.train_ppo_ray \
   --data.prompt_dataset "$DATASET" --data.input_key "$PROMPT_KEY" --data.label_key "$PROMPT_KEY" \
   --data.apply_chat_template --data.max_samples 5000 --data.max_len 3072 \
   --rollout.max_new_tokens 2048 --rollout.temperature 1.0 \
-  --rollout.n_samples_per_prompt 8 --rollout.batch_size 64 --rollout.micro_batch_size 4 \
+  --rollout.n_samples_per_prompt "$N_SAMPLES" --rollout.batch_size 64 --rollout.micro_batch_size 4 \
   --train.batch_size 256 --train.micro_batch_size 2 --train.max_epochs 1 --train.num_episodes 1 \
   --algo.advantage.estimator group_norm \
   --algo.kl.use_loss --algo.kl.estimator k3 --algo.kl.init_coef 0.01 \

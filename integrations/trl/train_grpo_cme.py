@@ -8,12 +8,21 @@ Defaults (overridable; every ``GRPOConfig`` flag is accepted, and ``--config fil
 group size ``--num_generations 8``, ``--temperature 1.0``, ``--learning_rate 3e-6``,
 ``--max_completion_length 2048``, and ``--beta`` (KL coefficient) 0.01 when the policy's tokenizer
 has a chat template (an instruct policy), else 0. ``--use_cpu`` defaults to true when no CUDA
-device is present.
+device is present. The paper's settings name no loss type, so TRL 1.16's own defaults stay, on
+purpose: ``--loss_type dapo`` (token losses normalised by the active tokens of the whole
+accumulated batch, which has no length bias) and ``--scale_rewards group``; pass
+``--loss_type grpo`` for GRPO's original per-sequence normalisation.
 
 ``--prompts``: JSONL, one prompt per line, as ``{"prompt": "text"}`` (standard format) or
 ``{"messages": [{"role": "user", "content": ...}, ...]}`` (conversational; trailing assistant
 turns, such as a reference answer, are dropped). All lines use one of the two. An optional ``id``
-field names samples in warnings.
+field names samples in warnings. When the policy's tokenizer has a chat template (an instruct
+policy), each text prompt is sent as one user message, so that TRL applies the template (an
+instruct model fed raw text mostly ends at once: empty completions, all at the floor, no gradient);
+the script logs that it did so, and ``--chat_prompts false`` keeps raw text.
+
+``--save_model false`` saves nothing: no final model and, unless ``--save_strategy`` is given, no
+checkpoints either.
 
 ``--policy`` and ``--verifier`` accept the built-in names of ``cme_rewards.models`` (the policy is
 then loaded from the package's converted transformers folder), a local folder, or a hub id. Every
@@ -25,6 +34,7 @@ other option of the CME scorer is a ``--cme_<option>`` flag generated from
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +53,8 @@ PAPER_DEFAULTS: dict[str, Any] = {
     "beta": None,  # resolved by instruct_beta()
 }
 INSTRUCT_BETA = 0.01
+
+logger = logging.getLogger("cme_rewards.train_grpo_cme")
 
 
 OPTION_PREFIX = "cme_"
@@ -83,7 +95,20 @@ class _ScriptOnlyArguments:
         },
     )
     limit: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
-    save_model: bool = field(default=True, metadata={"help": "Save the trained policy at the end."})
+    save_model: bool = field(
+        default=True,
+        metadata={
+            "help": "Save the trained policy at the end; false saves nothing (and no checkpoints "
+            "unless --save_strategy is given)."
+        },
+    )
+    chat_prompts: bool = field(
+        default=True,
+        metadata={
+            "help": "Send each text prompt as one user message when the policy has a chat "
+            "template (false: as raw text)."
+        },
+    )
 
 
 CMEScriptArguments = dataclasses.make_dataclass(
@@ -156,6 +181,34 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, A
     return rows
 
 
+def as_chat(rows: list[dict[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
+    """Text prompts as one user message each when ``tokenizer`` has a chat template (logged), so
+    that TRL renders them with it; rows that are already chat messages, or a policy without a
+    template, are returned as they are."""
+    if not getattr(tokenizer, "chat_template", None):
+        return rows
+    text = [r for r in rows if isinstance(r["prompt"], str)]
+    if not text:
+        return rows
+    logger.warning(
+        "the policy has a chat template: each of the %d text prompts is sent as one user message "
+        '(write {"messages": [...]} lines to choose the conversation, or pass '
+        "--chat_prompts false to keep raw text)",
+        len(text),
+    )
+    return [
+        {**r, "prompt": [{"role": "user", "content": r["prompt"]}]}
+        if isinstance(r["prompt"], str)
+        else r
+        for r in rows
+    ]
+
+
+def given(argv: list[str], name: str) -> bool:
+    """Whether ``--name`` is on the command line (``--name v`` or ``--name=v``)."""
+    return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)
+
+
 def instruct_beta(tokenizer: Any) -> float:
     """The paper's KL coefficient: 0.01 for instruct policies (tokenizer has a chat template), else 0."""
     return INSTRUCT_BETA if getattr(tokenizer, "chat_template", None) else 0.0
@@ -189,15 +242,21 @@ def run(argv: list[str] | None = None) -> Any:
     the ``GRPOTrainer``. Raises ``InputError`` naming ``file:line`` for a bad prompt file."""
     from datasets import Dataset
     from transformers import AutoTokenizer
+    from transformers.trainer_utils import SaveStrategy
     from trl import GRPOTrainer
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, config = make_parser().parse_args_and_config(args=argv)
     scorer_options(args)  # a bad option fails before anything loads
     rows = load_prompts(args.prompts, args.limit)
     policy = resolve_model(args.policy)
     tokenizer = AutoTokenizer.from_pretrained(policy)
+    if args.chat_prompts:
+        rows = as_chat(rows, tokenizer)
     if config.beta is None:
         config.beta = instruct_beta(tokenizer)
+    if not args.save_model and not given(argv, "save_strategy"):
+        config.save_strategy = SaveStrategy.NO
     trainer = GRPOTrainer(
         model=policy,
         reward_funcs=build_rewards(args, config),

@@ -1,0 +1,266 @@
+"""The verifier's forward passes: per-token log-probs of the scored positions, in micro-batches.
+
+Two ways to run a micro-batch, both ending in the output head applied only at scored rows:
+
+- :func:`forward_samples`: each sample is one right-padded row ``prompt + response``.
+- :func:`forward_shared`: each *piece* is one prompt and some of its responses. The prompts run
+  once, left-padded, filling a key/value cache; the cache is then gathered per response row and the
+  responses run after it (positions continuing after their own prompt). A group of G responses to
+  one prompt costs one prompt forward instead of G. Left padding keeps each prompt's keys next to
+  its responses, so relative distances (and sliding-window attention) are those of the unshared
+  forward; the result equals it up to floating-point summation order.
+
+:func:`plan_samples` and :func:`plan_pieces` cut work into micro-batches of at most ``budget``
+padded tokens, longest first; :func:`run_halving` runs them and, on out-of-memory, splits a batch in
+halves and retries instead of failing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from transformers import DynamicCache
+
+from cme_rewards.formatting import VerifierInput
+from cme_rewards.ops import linear_token_logprobs, token_logprobs
+
+logger = logging.getLogger(__name__)
+
+B = TypeVar("B")
+
+
+@dataclass(frozen=True)
+class Head:
+    """The verifier's output head: ``(hidden @ weight.T + bias) * logit_scale``, then softcap."""
+
+    weight: torch.Tensor  # [V, H]
+    bias: torch.Tensor | None  # [V]
+    logit_scale: float
+    softcap: float | None
+    impl: str
+
+    def logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Log-probs (nats, float32 ``[N]``) of ``targets [N]`` after ``hidden [N, H]``."""
+        return linear_token_logprobs(
+            hidden,
+            self.weight,
+            targets,
+            bias=self.bias,
+            logit_scale=self.logit_scale,
+            softcap=self.softcap,
+            impl=self.impl,
+        )
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One prompt and some of its responses, computed together by :func:`forward_shared`.
+
+    ``rows`` index the scorer's inputs; every one of them starts with ``prompt``.
+    """
+
+    prompt: tuple[int, ...]
+    rows: tuple[int, ...]
+
+
+# -- planning ---------------------------------------------------------------------------------------
+
+
+def plan_samples(lengths: dict[int, int], budget: int) -> list[list[int]]:
+    """Sample indices, longest first, in batches of at most ``budget`` padded tokens.
+
+    ``lengths`` maps a sample index to its number of tokens; a longer sample gets a batch alone.
+    """
+    order = sorted(lengths, key=lambda i: lengths[i], reverse=True)
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def plan_pieces(
+    groups: Sequence[tuple[tuple[int, ...], list[int]]],
+    response_len: dict[int, int],
+    budget: int,
+) -> list[list[Piece]]:
+    """Micro-batches of pieces: prompts padded to the longest (``n_prompts x P_max``) and
+    responses padded to the longest (``n_rows x R_max``) each stay within ``budget`` tokens.
+
+    ``groups``: ``(prompt ids, row indices)``. A group too big for one batch is split into pieces
+    (its prompt then runs once per piece). Groups are taken longest prompt first, and each piece's
+    rows longest response first, so padding stays small.
+    """
+    batches: list[list[Piece]] = []
+    open_batch: list[Piece] = []
+    p_max = r_max = n_rows = 0
+
+    def fits(p: int, r: int, rows: int, prompts: int) -> bool:
+        return prompts * p <= budget and rows * r <= budget
+
+    for prompt, rows in sorted(groups, key=lambda g: len(g[0]), reverse=True):
+        rows = sorted(rows, key=lambda i: response_len[i], reverse=True)
+        while rows:
+            if open_batch and not fits(
+                max(p_max, len(prompt)),
+                max(r_max, response_len[rows[0]]),
+                n_rows + 1,
+                len(open_batch) + 1,
+            ):
+                batches.append(open_batch)
+                open_batch, p_max, r_max, n_rows = [], 0, 0, 0
+            p_new = max(p_max, len(prompt))
+            r_new = max(r_max, response_len[rows[0]])
+            take = 1
+            while take < len(rows) and fits(p_new, r_new, n_rows + take + 1, len(open_batch) + 1):
+                take += 1
+            open_batch.append(Piece(prompt, tuple(rows[:take])))
+            p_max, r_max, n_rows = p_new, r_new, n_rows + take
+            rows = rows[take:]
+    if open_batch:
+        batches.append(open_batch)
+    return batches
+
+
+# -- running ------------------------------------------------------------------------------------------
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an accelerator's (or the allocator's) out-of-memory error."""
+    return isinstance(exc, torch.OutOfMemoryError | MemoryError)
+
+
+def run_halving(
+    batch: B,
+    run: Callable[[B], dict[int, torch.Tensor]],
+    halves: Callable[[B], tuple[B, B] | None],
+) -> dict[int, torch.Tensor]:
+    """``run(batch)``; on out-of-memory, run its two ``halves`` instead (recursively).
+
+    Raises the out-of-memory error when a batch cannot be split any further.
+    """
+    try:
+        return run(batch)
+    except Exception as exc:
+        if not is_out_of_memory(exc) or (parts := halves(batch)) is None:
+            raise
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    logger.warning("out of memory; retrying the micro-batch in two halves")
+    return {**run_halving(parts[0], run, halves), **run_halving(parts[1], run, halves)}
+
+
+def halve_samples(batch: list[int]) -> tuple[list[int], list[int]] | None:
+    """Two halves of a batch of samples, or ``None`` for a single sample."""
+    if len(batch) < 2:
+        return None
+    mid = len(batch) // 2
+    return batch[:mid], batch[mid:]
+
+
+def halve_pieces(batch: list[Piece]) -> tuple[list[Piece], list[Piece]] | None:
+    """Two halves of a batch of pieces (a lone piece splits its rows), or ``None`` for one row."""
+    if len(batch) >= 2:
+        mid = len(batch) // 2
+        return batch[:mid], batch[mid:]
+    (piece,) = batch
+    if len(piece.rows) < 2:
+        return None
+    mid = len(piece.rows) // 2
+    return [Piece(piece.prompt, piece.rows[:mid])], [Piece(piece.prompt, piece.rows[mid:])]
+
+
+def forward_samples(
+    model: Any,
+    head: Head | None,
+    pad_id: int,
+    inputs: Sequence[VerifierInput],
+    batch: Sequence[int],
+    device: torch.device,
+) -> dict[int, torch.Tensor]:
+    """Log-probs ``[n_scored]`` (float32, nats) of each sample in ``batch``, one padded row each.
+
+    ``head=None`` takes the model's own logits (for heads the config does not describe).
+    """
+    rows = [inputs[i] for i in batch]
+    width = max(len(x.input_ids) for x in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    at_rows, at_cols = [], []
+    for b, x in enumerate(rows):
+        ids[b, : len(x.input_ids)] = torch.tensor(x.input_ids)
+        mask[b, : len(x.input_ids)] = 1
+        at_rows.extend([b] * x.n_scored)
+        at_cols.extend(range(x.n_prompt - 1, len(x.input_ids) - 1))
+    ids, mask = ids.to(device), mask.to(device)
+    r, c = torch.tensor(at_rows, device=device), torch.tensor(at_cols, device=device)
+    targets = ids[r, c + 1]
+    if head is not None:
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)
+        flat = head.logprobs(hidden.last_hidden_state[r, c], targets)
+    else:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        flat = token_logprobs(logits[r, c], targets)
+    return dict(zip(batch, flat.split([x.n_scored for x in rows]), strict=True))
+
+
+def forward_shared(
+    body: Any,
+    head: Head,
+    pad_id: int,
+    inputs: Sequence[VerifierInput],
+    pieces: Sequence[Piece],
+    device: torch.device,
+) -> dict[int, torch.Tensor]:
+    """Log-probs ``[n_scored]`` (float32, nats) of every row of ``pieces``, each prompt run once."""
+    n_pieces = len(pieces)
+    p_max = max(len(p.prompt) for p in pieces)
+    prompt_ids = torch.full((n_pieces, p_max), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((n_pieces, p_max), dtype=torch.long)
+    for k, piece in enumerate(pieces):  # left padding: each prompt ends at column p_max - 1
+        prompt_ids[k, p_max - len(piece.prompt) :] = torch.tensor(piece.prompt)
+        prompt_mask[k, p_max - len(piece.prompt) :] = 1
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    cache = DynamicCache()  # plain full layers: every key kept, sliding windows masked by position
+    last = body(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state[:, -1]  # [n_pieces, H]: predicts each response's first token
+
+    rows = [(k, i) for k, piece in enumerate(pieces) for i in piece.rows]
+    bodies = [inputs[i].input_ids[inputs[i].n_prompt :] for _, i in rows]
+    r_max = max(len(b) for b in bodies)
+    row_piece = torch.tensor([k for k, _ in rows], device=device)
+    cache.batch_select_indices(row_piece)  # [n_rows, heads, p_max, head_dim] per layer
+    ids = torch.full((len(rows), r_max), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), r_max), dtype=torch.long)
+    for b, response in enumerate(bodies):
+        ids[b, : len(response)] = torch.tensor(response)
+        mask[b, : len(response)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    prompt_len = prompt_mask.sum(-1)[row_piece]
+    hidden = body(
+        input_ids=ids,
+        attention_mask=torch.cat([prompt_mask[row_piece], mask], dim=1),
+        position_ids=prompt_len[:, None] + torch.arange(r_max, device=device)[None],
+        cache_position=torch.arange(p_max, p_max + r_max, device=device),
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state  # [n_rows, r_max, H]
+    del cache
+    # Token t of a response is predicted after token t-1; token 0 after its prompt's last token.
+    predictors = torch.cat([last[row_piece].unsqueeze(1), hidden[:, :-1]], dim=1)
+    at_rows = torch.tensor([b for b, resp in enumerate(bodies) for _ in resp], device=device)
+    at_cols = torch.tensor([t for resp in bodies for t in range(len(resp))], device=device)
+    targets = torch.tensor([t for resp in bodies for t in resp], device=device)
+    flat = head.logprobs(predictors[at_rows, at_cols], targets)
+    return dict(zip((i for _, i in rows), flat.split([len(b) for b in bodies]), strict=True))

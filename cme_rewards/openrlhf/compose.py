@@ -1,0 +1,140 @@
+"""CME summed with your own rewards in OpenRLHF's file mode: weighted, each part logged.
+
+Write a reward file and pass its path to ``--reward.remote_url``::
+
+    # my_reward.py
+    from cme_rewards.openrlhf.compose import cme_reward, compose
+
+    def brevity(queries, prompts, labels):
+        return [-min(len(q) - len(p), 4000) / 4000 for q, p in zip(queries, prompts)]
+
+    reward_func = compose((cme_reward, 1.0), (brevity, 0.1))
+
+A part is ``(function, weight)``; each function takes OpenRLHF's ``(queries, prompts, labels)`` and
+returns one number per sample (a list, a tensor, or OpenRLHF's own ``{"rewards": ...,
+"extra_logs": {...}}``). The composed ``reward_func`` returns ``sum(weight * part)`` as OpenRLHF's
+``rewards`` and ``scores``, and logs each part's unweighted value as ``reward/<name>`` (the
+function's ``__name__``) beside the parts' own ``extra_logs`` (CME's ``cme/...``; another part's
+keys get the prefix ``<name>/``). A part that raises, or returns the wrong count or a value that is
+not a finite number, is logged as an error and contributes ``on_error`` (default 0.0) for that call,
+so OpenRLHF never receives ``None`` or NaN (it would stop much later in ``concat_experiences``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cme_rewards.openrlhf.runtime import FileModeConfig, get_runtime, reward_dict
+
+logger = logging.getLogger(__name__)
+
+RewardFn = Callable[[list[str], list[str], list[Any]], Any]
+
+_CONFIG: FileModeConfig | None = None
+
+
+def cme_reward(queries: list[str], prompts: list[str], labels: list[Any]) -> dict[str, Any]:
+    """CME as an OpenRLHF reward part: the same as the file ``cme-rewards openrlhf-reward-file``
+    prints (one verifier per process, configured by ``CME_REWARDS_*``, which were checked when
+    :mod:`cme_rewards.openrlhf.compose` was imported)."""
+    return reward_dict(get_runtime(_CONFIG).score(queries, prompts, labels))
+
+
+cme_reward.__name__ = "cme"
+
+
+def _values(out: Any, n: int) -> tuple[list[float], dict[str, Any]]:
+    """``(one float per sample, extra_logs)`` of a part's return value; ``ValueError`` if unusable."""
+    logs: dict[str, Any] = {}
+    if isinstance(out, dict):
+        if "rewards" not in out:
+            raise ValueError(f"returned a dict without 'rewards' (keys: {sorted(out)})")
+        logs = out.get("extra_logs") or {}
+        out = out["rewards"]
+    if hasattr(out, "tolist"):  # torch tensors and numpy arrays
+        out = out.tolist()
+    if isinstance(out, int | float) and not isinstance(out, bool):
+        out = [out]
+    if not isinstance(out, Sequence) or isinstance(out, str):
+        raise ValueError(f"returned {type(out).__name__}, not numbers")
+    if len(out) != n:
+        raise ValueError(f"returned {len(out)} values for {n} samples")
+    values = []
+    for i, v in enumerate(out):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise ValueError(f"returned {v!r} for sample {i}, not a finite number")
+        values.append(float(v))
+    return values, logs
+
+
+def _log_values(value: Any) -> list[float]:
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    return [float(v) for v in (value if isinstance(value, list | tuple) else [value])]
+
+
+def compose(*parts: tuple[RewardFn, float], on_error: float = 0.0) -> RewardFn:
+    """One OpenRLHF ``reward_func`` summing weighted parts (see the module docstring).
+
+    Raises ``ValueError`` at once (when OpenRLHF loads your file) for a part that is not a
+    ``(callable, finite weight)`` pair, or for two parts with one name.
+    """
+    if not parts:
+        raise ValueError("compose: give at least one (function, weight) part")
+    if not math.isfinite(on_error):
+        raise ValueError(f"compose: on_error must be a finite number, got {on_error!r}")
+    named: list[tuple[str, RewardFn, float]] = []
+    for i, part in enumerate(parts):
+        if not (isinstance(part, tuple) and len(part) == 2 and callable(part[0])):
+            raise ValueError(f"compose: part {i} must be (function, weight), got {part!r}")
+        func, weight = part
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise ValueError(f"compose: part {i} weight must be a number, got {weight!r}")
+        if not math.isfinite(weight):
+            raise ValueError(f"compose: part {i} weight must be finite, got {weight!r}")
+        name = getattr(func, "__name__", f"part{i}")
+        if name in {n for n, _, _ in named}:
+            raise ValueError(f"compose: two parts are named {name!r}; give one a __name__")
+        named.append((name, func, float(weight)))
+
+    def reward_func(queries: list[str], prompts: list[str], labels: list[Any]) -> dict[str, Any]:
+        import torch
+
+        n = len(queries)
+        total = [0.0] * n
+        logs: dict[str, torch.Tensor] = {}
+        for name, func, weight in named:
+            try:
+                values, raw_logs = _values(func(queries, prompts, labels), n)
+                part_logs = {key: _log_values(value) for key, value in raw_logs.items()}
+            except Exception as exc:  # noqa: BLE001 - a user part must not make the reward None
+                logger.error(
+                    "reward part %r failed: %s: %r; it contributes %r for these %d samples",
+                    name,
+                    type(exc).__name__,
+                    str(exc),
+                    on_error,
+                    n,
+                )
+                values, part_logs = [on_error] * n, {}
+            total = [t + weight * v for t, v in zip(total, values, strict=True)]
+            logs[f"reward/{name}"] = torch.tensor(values, dtype=torch.float32)
+            for key, value in part_logs.items():
+                shown = key if func is cme_reward else f"{name}/{key}"
+                logs[shown] = torch.tensor(value, dtype=torch.float32)
+        rewards = torch.tensor(total, dtype=torch.float32)
+        return {"rewards": rewards, "scores": rewards.clone(), "extra_logs": logs}
+
+    reward_func.parts = [(name, weight) for name, _, weight in named]  # type: ignore[attr-defined]
+    return reward_func
+
+
+def _load_config() -> None:
+    global _CONFIG
+    _CONFIG = FileModeConfig.load()  # a bad CME_REWARDS_* variable fails when the file loads
+
+
+_load_config()
