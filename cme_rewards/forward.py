@@ -11,7 +11,8 @@ Two ways to run a micro-batch, both ending in the output head applied only at sc
   forward; the result equals it up to floating-point summation order.
 
 :func:`plan_samples` and :func:`plan_pieces` cut work into micro-batches of at most ``budget``
-padded tokens, longest first; :func:`run_halving` runs them and, on out-of-memory, splits a batch in
+padded tokens, longest first (pieces: group by group, or by response length across groups,
+whichever computes fewer tokens); :func:`run_halving` runs them and, on out-of-memory, splits a batch in
 halves and retries instead of failing.
 """
 
@@ -93,10 +94,42 @@ def plan_pieces(
     """Micro-batches of pieces: prompts padded to the longest (``n_prompts x P_max``) and
     responses padded to the longest (``n_rows x R_max``) each stay within ``budget`` tokens.
 
-    ``groups``: ``(prompt ids, row indices)``. A group too big for one batch is split into pieces
-    (its prompt then runs once per piece). Groups are taken longest prompt first, and each piece's
-    rows longest response first, so padding stays small.
+    ``groups``: ``(prompt ids, row indices)``. Of two plans, the one that computes fewer tokens
+    (padding included; the group plan on a tie): :func:`plan_by_group` runs each prompt once per
+    piece of its group, :func:`plan_by_length` sorts every response by length across groups and
+    runs a prompt once per micro-batch its responses land in. The first wins when prompts are long
+    and responses alike (long-context GRPO), the second when responses of one prompt differ in
+    length and prompts are short (chat answers), where group-wise padding would waste a third.
     """
+    plans = [
+        plan_by_group(groups, response_len, budget),
+        plan_by_length(groups, response_len, budget),
+    ]
+    return min(plans, key=lambda plan: padded_tokens(plan, response_len))
+
+
+def padded_sample_tokens(plan: list[list[int]], lengths: dict[int, int]) -> int:
+    """Tokens the verifier computes for a :func:`plan_samples` plan, padding included."""
+    return sum(len(batch) * max(lengths[i] for i in batch) for batch in plan)
+
+
+def padded_tokens(plan: list[list[Piece]], response_len: dict[int, int]) -> int:
+    """Tokens the verifier computes for a :func:`plan_pieces` plan, padding included."""
+    total = 0
+    for batch in plan:
+        n_rows = sum(len(p.rows) for p in batch)
+        r_max = max(response_len[i] for p in batch for i in p.rows)
+        total += len(batch) * max(len(p.prompt) for p in batch) + n_rows * r_max
+    return total
+
+
+def plan_by_group(
+    groups: Sequence[tuple[tuple[int, ...], list[int]]],
+    response_len: dict[int, int],
+    budget: int,
+) -> list[list[Piece]]:
+    """Groups longest prompt first, each group's rows longest response first; a group too big
+    for one batch is split into pieces (its prompt then runs once per piece)."""
     batches: list[list[Piece]] = []
     open_batch: list[Piece] = []
     p_max = r_max = n_rows = 0
@@ -125,6 +158,35 @@ def plan_pieces(
             rows = rows[take:]
     if open_batch:
         batches.append(open_batch)
+    return batches
+
+
+def plan_by_length(
+    groups: Sequence[tuple[tuple[int, ...], list[int]]],
+    response_len: dict[int, int],
+    budget: int,
+) -> list[list[Piece]]:
+    """Every row longest response first, across groups; a micro-batch holds one piece per prompt
+    among its rows."""
+    rows = sorted(
+        ((i, prompt) for prompt, members in groups for i in members),
+        key=lambda row: response_len[row[0]],
+        reverse=True,
+    )
+    batches: list[list[Piece]] = []
+    members: dict[tuple[int, ...], list[int]] = {}
+    p_max = r_max = n_rows = 0
+    for i, prompt in rows:
+        p_new, r_new = max(p_max, len(prompt)), max(r_max, response_len[i])
+        n_prompts = len(members) + (prompt not in members)
+        if members and not (n_prompts * p_new <= budget and (n_rows + 1) * r_new <= budget):
+            batches.append([Piece(p, tuple(m)) for p, m in members.items()])
+            members, n_rows = {}, 0
+            p_new, r_new = len(prompt), response_len[i]
+        members.setdefault(prompt, []).append(i)
+        p_max, r_max, n_rows = p_new, r_new, n_rows + 1
+    if members:
+        batches.append([Piece(p, tuple(m)) for p, m in members.items()])
     return batches
 
 

@@ -2,7 +2,9 @@
 
 How a call runs: samples are encoded (grouped by prompt when ``share_prefix``, so each group's
 prompt is rendered, cut and computed once), planned into length-sorted micro-batches of at most
-``token_budget`` padded tokens, run through the verifier body (:mod:`cme_rewards.forward`), and
+``token_budget`` padded tokens (a call whose shared plan would compute more tokens, padding
+included, than running every sample alone runs them alone), run through the verifier body
+(:mod:`cme_rewards.forward`), and
 the output head is applied only at the scored positions; each sample is then finished in one place
 (:func:`cme_rewards.results.finish_sample`).
 """
@@ -28,6 +30,8 @@ from cme_rewards.forward import (
     forward_shared,
     halve_pieces,
     halve_samples,
+    padded_sample_tokens,
+    padded_tokens,
     plan_pieces,
     plan_samples,
     run_halving,
@@ -234,6 +238,15 @@ class CMEScorer:
             shared_groups = {k: v for k, v in shared_groups.items() if len(v) > 1}
         shared = {i for rows in shared_groups.values() for i in rows}
         alone = {i: len(inputs[i].input_ids) for i in scorable if i not in shared}
+        response_len = {i: inputs[i].n_scored for i in shared}
+        pieces_plan = plan_pieces(list(shared_groups.items()), response_len, self.token_budget)
+        lengths = {i: len(inputs[i].input_ids) for i in scorable}
+        unshared_cost = padded_sample_tokens(plan_samples(lengths, self.token_budget), lengths)
+        shared_cost = padded_tokens(pieces_plan, response_len) + padded_sample_tokens(
+            plan_samples(alone, self.token_budget), alone
+        )
+        if shared and unshared_cost <= shared_cost:  # sharing would compute more (padding)
+            alone, pieces_plan = lengths, []
         head = self._head if self._fused_head else None
         out: dict[int, torch.Tensor] = {}
         bar = tqdm(total=len(scorable), desc="CME scoring", unit="sample", disable=not show)
@@ -241,8 +254,7 @@ class CMEScorer:
             run = lambda b: forward_samples(self.model, head, self._pad_id, inputs, b, self.device)  # noqa: E731
             out.update(run_halving(batch, run, halve_samples))
             bar.update(len(batch))
-        response_len = {i: inputs[i].n_scored for i in shared}
-        for pieces in plan_pieces(list(shared_groups.items()), response_len, self.token_budget):
+        for pieces in pieces_plan:
             run = lambda p: forward_shared(  # noqa: E731
                 self._body, self._head, self._pad_id, inputs, p, self.device
             )

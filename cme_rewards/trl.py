@@ -234,8 +234,8 @@ class LengthPenalty:
     """Reward ``-len(completion_ids) / max_tokens`` (policy tokens), in ``[-1, 0]`` for
     completions up to ``max_tokens``.
 
-    Maximising CME drifts response length (DESIGN.md); combine the two with
-    ``GRPOConfig(reward_weights=[1.0, w])`` to counter it.
+    Maximising CME drifts response length (a mean log-likelihood depends on the length); combine
+    the two with ``GRPOConfig(reward_weights=[1.0, w])`` to counter it.
     """
 
     def __init__(self, max_tokens: int, *, name: str = "length_penalty") -> None:

@@ -7,6 +7,7 @@ softcap) in float32: rewards with ``share_prefix=True`` equal ``share_prefix=Fal
 from __future__ import annotations
 
 import random
+from unittest import mock
 
 import pytest
 import torch
@@ -36,13 +37,18 @@ def flat():
 
 
 def both(scorer: CMEScorer, **kw) -> tuple[list, list]:
+    """(shared, unshared) results of :func:`flat`; fails unless the shared path really ran."""
+    import cme_rewards.scorer as scorer_module
+
     shared = CMEScorer(model=scorer.model, tokenizer=scorer.tokenizer, share_prefix=True, **kw)
     alone = CMEScorer(model=scorer.model, tokenizer=scorer.tokenizer, share_prefix=False, **kw)
     prompts, responses, groups = flat()
-    return (
-        shared.score(prompts, responses, groups=groups, return_token_logprobs=True),
-        alone.score(prompts, responses, groups=groups, return_token_logprobs=True),
-    )
+    with mock.patch.object(
+        scorer_module, "forward_shared", wraps=scorer_module.forward_shared
+    ) as spy:
+        got = shared.score(prompts, responses, groups=groups, return_token_logprobs=True)
+    assert spy.call_count > 0, "the shared plan was not used"
+    return got, alone.score(prompts, responses, groups=groups, return_token_logprobs=True)
 
 
 @pytest.mark.parametrize("fixture", ["smollm_scorer", "gemma_scorer"])
@@ -143,3 +149,80 @@ def test_plans_cover_every_row_once_within_the_budget():
     assert all(len(b) * max(lengths[i] for i in b) <= budget or len(b) == 1 for b in batches)
     assert halve_pieces([Piece((1,), (5,))]) is None
     assert halve_pieces([Piece((1,), (5, 6, 7))]) == ([Piece((1,), (5,))], [Piece((1,), (6, 7))])
+
+
+def test_the_cheaper_plan_is_taken():
+    """Long prompt, equal responses: group by group; short prompts, responses of very different
+    lengths: by length across groups, and alone when sharing would compute more."""
+    from cme_rewards.forward import padded_tokens, plan_by_group, plan_by_length
+
+    long_prompt = [((7,) * 1000, [0, 1, 2, 3]), ((8,) * 1000, [4, 5, 6, 7])]
+    equal = dict.fromkeys(range(8), 128)
+    chosen = plan_pieces(long_prompt, equal, 2048)
+    assert chosen == plan_by_group(long_prompt, equal, 2048)
+    assert padded_tokens(chosen, equal) == 2 * 1000 + 8 * 128  # each prompt once, no padding
+
+    short = [((1,) * 20, [0, 1]), ((2,) * 30, [2, 3])]
+    mixed = {0: 900, 1: 50, 2: 880, 3: 40}
+    chosen = plan_pieces(short, mixed, 2048)
+    assert chosen == plan_by_length(short, mixed, 2048)
+    assert padded_tokens(chosen, mixed) < padded_tokens(plan_by_group(short, mixed, 2048), mixed)
+    assert padded_tokens(chosen, mixed) == (2 * 30 + 2 * 900) + (2 * 30 + 2 * 50)
+
+
+def test_a_call_where_sharing_costs_no_less_runs_unshared(smollm_scorer):
+    """One group whose two responses cannot share a micro-batch (budget 256): sharing saves no
+    prompt and pads the parts apart, so the call runs unshared."""
+    import cme_rewards.scorer as scorer_module
+    from cme_rewards.forward import padded_sample_tokens, padded_tokens
+
+    kw = dict(model=smollm_scorer.model, tokenizer=smollm_scorer.tokenizer, token_budget=256)
+    scorer = CMEScorer(**kw)
+    prompts, responses = ["Hi", "Hi"], ["word " * 200, "ok"]
+    inputs = scorer._encode_all(prompts, responses)
+    lengths = {i: len(x.input_ids) for i, x in enumerate(inputs)}
+    response_len = {i: x.n_scored for i, x in enumerate(inputs)}
+    group = [(tuple(inputs[0].input_ids[: inputs[0].n_prompt]), [0, 1])]
+    assert padded_sample_tokens(plan_samples(lengths, 256), lengths) <= padded_tokens(
+        plan_pieces(group, response_len, 256), response_len
+    )
+    with mock.patch.object(
+        scorer_module, "forward_shared", wraps=scorer_module.forward_shared
+    ) as spy:
+        got = scorer.score(prompts, responses)
+    assert spy.call_count == 0
+    want = CMEScorer(share_prefix=False, **kw).score(prompts, responses)
+    assert [g.cme for g in got] == [w.cme for w in want]
+
+
+def test_single_sample_calls_of_one_group_share_the_prompt(smollm_scorer):
+    """veRL's verifier actor (like the server and OpenRLHF file mode) puts the scorer behind a
+    :class:`BatchedScorer`: one-sample calls of the same group from different reward workers,
+    arriving together, land in one batch, and the group's prompt is computed once for all."""
+    import concurrent.futures
+
+    import cme_rewards.scorer as scorer_module
+    from cme_rewards.batched_scorer import BatchedScorer, Sample
+    from cme_rewards.batching import BatchLimits
+
+    prompt = "Name a colour of the sky."
+    responses = ["Blue.", "The sky is often blue.", "Grey, when it rains.", "Orange at dusk."]
+    batched = BatchedScorer(
+        CMEScorer(model=smollm_scorer.model, tokenizer=smollm_scorer.tokenizer, dtype="float32"),
+        BatchLimits(max_wait_ms=500),
+    )
+    with (
+        mock.patch.object(
+            scorer_module, "forward_shared", wraps=scorer_module.forward_shared
+        ) as spy,
+        concurrent.futures.ThreadPoolExecutor(len(responses)) as workers,
+    ):
+        calls = [workers.submit(batched.score_many, [Sample(prompt, r)]) for r in responses]
+        got = [c.result()[0] for c in calls]
+    rows_per_piece = [len(piece.rows) for call in spy.call_args_list for piece in call.args[4]]
+    assert max(rows_per_piece) == len(responses)  # one piece: the prompt ran once for all four
+    want = CMEScorer(
+        model=smollm_scorer.model, tokenizer=smollm_scorer.tokenizer, dtype="float32",
+        share_prefix=False,
+    ).score([prompt] * len(responses), responses)  # fmt: skip
+    assert [g.cme for g in got] == pytest.approx([w.cme for w in want], abs=1e-4)

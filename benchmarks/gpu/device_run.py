@@ -8,7 +8,9 @@ Steps, each a subprocess with its own time limit cut to what is left of ``--budg
 3. ``e2e``: ``benchmarks/gpu/check_scorer.py``, ``CMEScorer(impl="triton")`` on three random-weight
    families in float32 and bf16 against a float64 forward;
 4. ``bench:<case>``: ``benchmarks/bench_kernels.py --case <case>``, one process per case;
-5. ``bench_scorer``: ``benchmarks/bench_scorer.py --device cuda`` when that script exists.
+5. ``bench_scorer``: ``benchmarks/bench_scorer.py --device cuda --config qwen2.5-0.5b --batches c
+   --repeats 1`` (random weights of a Qwen2.5-0.5B-like config) with the time left; all batches
+   and the Llama-3.2-1B-like config are a device run of their own (``docs/throughput.md``).
 
 Everything goes to ``--out`` (at most 5 files): ``device_run.json`` (this summary, rewritten after
 every step), ``log.txt`` (every step's output, appended as it runs), ``e2e.json`` and
@@ -41,8 +43,11 @@ STEP_LIMITS = {
     "pytest": 150,
     "e2e": 100,
     **{f"bench:{case}": 50 for case in BENCH_CASES},
-    "bench_scorer": 45,
+    "bench_scorer": 50,  # batch (c) only; the full scorer benchmark is a run of its own
 }
+TOKENIZER_DIR = REPO / "benchmarks" / "gpu" / "wheels" / "smollm2-tokenizer"
+"""SmolLM2's tokenizer for bench_scorer's random-weight configs (carried with the wheels: the GPU
+machine has no verifier package); ``python benchmarks/bench_scorer.py --save-tokenizer`` it."""
 MIN_STEP_S = 15  # a step that would get less than this is skipped
 RESERVE_S = 5  # kept for the final write
 
@@ -224,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     if script.exists():
         results = REPO / "benchmarks" / "results"
         before = time.time()
-        args = ["--help"] if opts.dry else ["--device", "cuda"]
+        args = (
+            ["--help"]
+            if opts.dry
+            else ["--device", "cuda", "--config", "qwen2.5-0.5b", "--batches", "c"]
+        )
+        args += [] if opts.dry else ["--repeats", "1", "--tokenizer", str(TOKENIZER_DIR)]
         run.step("bench_scorer", [PY, str(script.relative_to(REPO)), *args])
         fresh = sorted(
             (p for p in results.glob("*.json") if p.stat().st_mtime >= before),

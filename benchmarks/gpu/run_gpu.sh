@@ -9,7 +9,7 @@
 #     e2e.json         CMEScorer on the Triton path vs a float64 forward, 3 families x 2 dtypes
 #     kernels_<gpu>.json  bench_kernels.py rows and target checks (render it here afterwards with
 #                      python3 benchmarks/render_kernels.py <file>)
-#     scorer_*.json    what benchmarks/bench_scorer.py wrote, when that script exists
+#     scorer_*.json    what benchmarks/bench_scorer.py --device cuda --config qwen2.5-0.5b wrote
 # Each file is rewritten after every case, so a kill keeps what was measured.
 #
 # CPU dry run of the same plumbing (tiny shapes, Triton interpreter, ~2 minutes on 2 cores):
@@ -17,6 +17,7 @@
 #
 # Peers come from benchmarks/gpu/wheels/ (git-ignored, so name it in `carry`). Fill it with
 #     pip download --no-deps -d benchmarks/gpu/wheels liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0
+#     .venv/bin/python benchmarks/bench_scorer.py --save-tokenizer benchmarks/gpu/wheels/smollm2-tokenizer
 # (pure-Python wheels; pytest is NOT carried: the device image has it). They are installed
 # without dependencies into a private folder, never into the machine's Python; the device image
 # (Python 3.12, torch 2.11 / CUDA 13, triton 3.6, transformers 5.17) provides the rest.
