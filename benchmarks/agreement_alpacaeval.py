@@ -52,6 +52,10 @@ def generator_figures(paths: list[str], sample: int, cache: str) -> list[dict]:
                     [(p.instruction, p.second) for p in pairs],
                 )
             ]
+            scored = [a.token_logprobs is not None and b.token_logprobs is not None
+                      for a, b in zip(*sides, strict=True)]  # fmt: skip
+            pairs = [p for p, ok in zip(pairs, scored, strict=True) if ok]  # floored: left out
+            sides = [[s for s, ok in zip(side, scored, strict=True) if ok] for side in sides]
             cme = [np.array([s.token_logprobs.mean() for s in side]) for side in sides]
             tokens = [np.array([s.n_tokens for s in side]) for side in sides]
             judge_second = np.array([p.preference > 1.5 for p in pairs])

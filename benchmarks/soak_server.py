@@ -40,7 +40,9 @@ from typing import Any
 import aiohttp
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "tests" / "data" / "winrate" / "claude-2.1_first40.annotations.json"
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_server import load_samples, wait_ready  # noqa: E402  (the same samples and start-up)
+
 TOLERANCE = 1e-4  # nats
 HOSTILE_KINDS = ("malformed", "oversized", "unauthenticated", "abandoned")
 EXPECTED_STATUS = {"malformed": {400, 422}, "oversized": {413}, "unauthenticated": {401}}
@@ -54,18 +56,6 @@ class Workload:
     samples: list[tuple[str, str]]
     payloads: list[dict[str, Any]]
     expected: list[float]
-
-
-def load_samples(max_chars: int) -> list[tuple[str, str]]:
-    """(instruction, response): both answers of 40 AlpacaEval records, cut to ``max_chars``."""
-    records = json.loads(DATA.read_text())
-    pairs = []
-    for rec in records:
-        for key in ("output_1", "output_2"):
-            text = rec[key].strip()[:max_chars]
-            if text:
-                pairs.append((rec["instruction"], text))
-    return pairs
 
 
 def make_workload(scorer: Any, max_chars: int = 200, limit: int | None = None) -> Workload:
@@ -380,22 +370,6 @@ def start_server(port: int, token: str, args: argparse.Namespace, log: Path) -> 
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server {url} exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"server {url} did not start")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clients", type=int, default=64)
@@ -410,7 +384,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from machine import describe_machine
 
     from cme_rewards import CMEScorer

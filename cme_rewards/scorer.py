@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 from cme_rewards.formatting import EMPTY_PROMPT, Prompt, VerifierInput, encode_group
 from cme_rewards.forward import (
     Head,
+    Piece,
     forward_samples,
     forward_shared,
     halve_pieces,
@@ -238,19 +239,21 @@ class CMEScorer:
             shared_groups = {k: v for k, v in shared_groups.items() if len(v) > 1}
         shared = {i for rows in shared_groups.values() for i in rows}
         alone = {i: len(inputs[i].input_ids) for i in scorable if i not in shared}
-        response_len = {i: inputs[i].n_scored for i in shared}
-        pieces_plan = plan_pieces(list(shared_groups.items()), response_len, self.token_budget)
-        lengths = {i: len(inputs[i].input_ids) for i in scorable}
-        unshared_cost = padded_sample_tokens(plan_samples(lengths, self.token_budget), lengths)
-        shared_cost = padded_tokens(pieces_plan, response_len) + padded_sample_tokens(
-            plan_samples(alone, self.token_budget), alone
-        )
-        if shared and unshared_cost <= shared_cost:  # sharing would compute more (padding)
-            alone, pieces_plan = lengths, []
+        alone_plan = plan_samples(alone, self.token_budget)
+        pieces_plan: list[list[Piece]] = []
+        if shared:
+            response_len = {i: inputs[i].n_scored for i in shared}
+            pieces_plan = plan_pieces(list(shared_groups.items()), response_len, self.token_budget)
+            lengths = {i: len(inputs[i].input_ids) for i in scorable}
+            unshared_plan = plan_samples(lengths, self.token_budget)
+            shared_cost = padded_tokens(pieces_plan, response_len)
+            shared_cost += padded_sample_tokens(alone_plan, alone)
+            if padded_sample_tokens(unshared_plan, lengths) <= shared_cost:  # padding outweighs
+                alone_plan, pieces_plan = unshared_plan, []
         head = self._head if self._fused_head else None
         out: dict[int, torch.Tensor] = {}
         bar = tqdm(total=len(scorable), desc="CME scoring", unit="sample", disable=not show)
-        for batch in plan_samples(alone, self.token_budget):
+        for batch in alone_plan:
             run = lambda b: forward_samples(self.model, head, self._pad_id, inputs, b, self.device)  # noqa: E731
             out.update(run_halving(batch, run, halve_samples))
             bar.update(len(batch))
