@@ -1,8 +1,5 @@
-"""A scorer shared by concurrent callers: one sample in, one result out, batched underneath.
-
-The HTTP server, OpenRLHF's file mode and veRL's verifier actor all put their scorer behind a
-:class:`BatchedScorer`, so concurrent single-sample calls share verifier forward passes.
-"""
+"""A scorer shared by concurrent callers (the HTTP server, OpenRLHF's file mode, veRL's verifier
+actor): one sample in, one result out, batched underneath by a :class:`MicroBatcher`."""
 
 from __future__ import annotations
 
@@ -29,11 +26,9 @@ class Sample:
 class BatchedScorer:
     """A scorer behind a :class:`MicroBatcher`: samples from many callers share forward passes.
 
-    A sample that fails on its own with a non-transient exception gets the floor reward with the
-    exception in ``error`` (and a logged warning naming its id); transient exceptions (see
-    :func:`cme_rewards.retry.is_transient`) reach the caller so it can retry or answer 503. A call's
-    samples enter the queue together or not at all; a call that is cancelled or times out takes its
-    waiting samples out of the queue, so they are never computed.
+    A sample failing alone with a non-transient exception gets the floor with it in ``error``;
+    transient ones (:func:`cme_rewards.retry.is_transient`) reach the caller. A call's samples
+    enter the queue together or not at all, and leave it if the call is cancelled or times out.
     """
 
     def __init__(
@@ -70,11 +65,8 @@ class BatchedScorer:
     def score_many(
         self, samples: Sequence[Sample], timeout: float | None = None
     ) -> list[CMEResult]:
-        """Score samples from one thread, batched with whatever else is submitted meanwhile.
-
-        Raises the first transient exception, :class:`cme_rewards.batching.TooManyItems`, or
-        ``TimeoutError`` when ``timeout`` seconds pass before every result is in.
-        """
+        """Score samples, batched with whatever else comes meanwhile. Raises the first transient
+        exception, :class:`~cme_rewards.batching.TooManyItems`, or ``TimeoutError`` (``timeout`` s)."""
         if not samples:
             return []
         futures = self.batcher.submit_many(samples, [self.cost(s) for s in samples])
@@ -87,10 +79,7 @@ class BatchedScorer:
             self.batcher.withdraw(futures)
 
     async def score_many_async(self, samples: Sequence[Sample]) -> list[CMEResult]:
-        """:meth:`score_many` from a coroutine; tokenization runs in a worker thread.
-
-        Cancelling the coroutine takes its waiting samples out of the queue (never computed).
-        """
+        """:meth:`score_many` from a coroutine (tokenization runs in a worker thread)."""
         if not samples:
             return []
         costs = await asyncio.to_thread(lambda: [self.cost(s) for s in samples])

@@ -1,13 +1,8 @@
 """Micro-batching: coalesce concurrent single-sample requests into one verifier batch.
 
-Callers (threads, or coroutines through :meth:`MicroBatcher.submit_async`) each submit one item
-and get a future for its own result. One worker thread collects the items waiting in a FIFO queue
-into a batch, bounded by :class:`BatchLimits` (padded batch tokens, batch size, and how long the
-oldest item may wait for company), runs the batch function once, and hands every caller its own
-result. An exception from a batch is isolated by splitting the batch in halves, so one bad item
-fails alone and the others still get their results.
-
-:class:`cme_rewards.batched_scorer.BatchedScorer` applies this to a scorer.
+Callers each submit items and get one future per item. One worker thread takes the waiting items
+(FIFO) as a batch bounded by :class:`BatchLimits`, runs the batch function once, and settles every
+future. A failing batch is split in halves, so one bad item fails alone.
 """
 
 from __future__ import annotations
@@ -90,14 +85,8 @@ class _Pending(Generic[T, R]):
 
 
 class MicroBatcher(Generic[T, R]):
-    """Thread-safe micro-batcher around ``process(items) -> results`` (same length and order).
-
-    Args:
-        process: the batch function; runs only on the worker thread, one batch at a time.
-        limits: batch limits.
-        on_batch: called on the worker thread after every batch with its :class:`BatchStats`.
-        name: worker thread name.
-    """
+    """Thread-safe micro-batcher around ``process(items) -> results`` (same length and order),
+    run on one worker thread; ``on_batch`` gets each batch's :class:`BatchStats` there."""
 
     def __init__(
         self,
@@ -137,13 +126,9 @@ class MicroBatcher(Generic[T, R]):
     def submit_many(
         self, items: Sequence[T], costs: Sequence[int]
     ) -> list[concurrent.futures.Future[R]]:
-        """Queue all ``items`` (``costs[i]``: item ``i``'s size in tokens) or none of them.
-
-        Each future gets its item's result or the exception it raised. Raises
-        :class:`TooManyItems` when ``len(items)`` exceeds ``max_queue`` (it can never fit),
-        :class:`Overloaded` when the queue has no room for them now, :class:`BatcherClosed`
-        after :meth:`close`.
-        """
+        """Queue all ``items`` (``costs[i]``: tokens of item ``i``) or none; each future gets its
+        item's result or exception. Raises :class:`TooManyItems` (more than ``max_queue``),
+        :class:`Overloaded` (no room now) or :class:`BatcherClosed` (after :meth:`close`)."""
         if len(items) > self.limits.max_queue:
             raise TooManyItems(
                 f"{len(items)} samples in one request; the queue holds at most "
@@ -167,23 +152,18 @@ class MicroBatcher(Generic[T, R]):
         return [p.future for p in pending]
 
     def withdraw(self, futures: Sequence[concurrent.futures.Future[R]]) -> int:
-        """Cancel the futures whose items still wait, and take those items out of the queue.
+        """Cancel the futures whose items still wait and drop those items; returns how many.
 
-        Items already in a running batch finish (their results are dropped). Returns how many
-        were withdrawn.
+        Items already in a running batch finish (their results are dropped).
         """
         targets = {id(f) for f in futures}
         with self._cond:
-            keep: deque[_Pending[T, R]] = deque()
-            withdrawn = 0
-            for p in self._queue:
-                if id(p.future) in targets and p.future.cancel():
-                    withdrawn += 1
-                else:
-                    keep.append(p)
-            self._queue = keep
+            before = len(self._queue)
+            self._queue = deque(
+                p for p in self._queue if not (id(p.future) in targets and p.future.cancel())
+            )
             self._cond.notify_all()
-        return withdrawn
+            return before - len(self._queue)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking items, finish every queued one, and stop the worker thread."""
@@ -192,11 +172,8 @@ class MicroBatcher(Generic[T, R]):
             self._cond.notify_all()
         self._thread.join(timeout)
 
-    # -- worker thread ---------------------------------------------------------------------------
-
     def _fits(self, n: int, longest: int) -> bool:
-        lim = self.limits
-        return n <= lim.max_batch_size and n * longest <= lim.max_batch_tokens
+        return n <= self.limits.max_batch_size and n * longest <= self.limits.max_batch_tokens
 
     def _full(self) -> bool:
         """Whether the queue already holds more than one batch's worth (lock held)."""
@@ -225,16 +202,11 @@ class MicroBatcher(Generic[T, R]):
         wait_s = self.limits.max_wait_ms / 1000.0
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
+                self._cond.wait_for(lambda: self._queue or self._closed)
                 if not self._queue:
                     return  # closed and drained
-                deadline = self._queue[0].enqueued + wait_s
-                while not self._closed and not self._full():
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
+                wait_left = self._queue[0].enqueued + wait_s - time.monotonic()
+                self._cond.wait_for(lambda: self._closed or self._full(), wait_left)
                 batch = self._take_batch()
                 self._busy = bool(batch)
             if batch:
@@ -247,25 +219,18 @@ class MicroBatcher(Generic[T, R]):
         self.batches_run += 1
         self.items_run += len(batch)
         if self.on_batch is not None:
-            longest = max(p.cost for p in batch)
-            stats = BatchStats(
-                size=len(batch),
-                padded_tokens=len(batch) * longest,
-                tokens=sum(p.cost for p in batch),
-                seconds=time.perf_counter() - start,
-                failed=failed,
-            )
+            costs = [p.cost for p in batch]
+            seconds = time.perf_counter() - start
             try:
-                self.on_batch(stats)
+                self.on_batch(
+                    BatchStats(len(batch), len(batch) * max(costs), sum(costs), seconds, failed)
+                )
             except Exception:
                 logger.exception("on_batch callback failed")
 
     def _process(self, batch: list[_Pending[T, R]]) -> int:
-        """Run ``process`` on ``batch`` and settle every future; returns how many failed.
-
-        On an exception the batch is split in halves and each half retried, so only the
-        items that fail alone get the exception.
-        """
+        """Run ``process`` on ``batch`` and settle every future; returns how many failed (a failing
+        batch is split in halves, so only items that fail alone get the exception)."""
         try:
             results = list(self.process([p.item for p in batch]))
             if len(results) != len(batch):

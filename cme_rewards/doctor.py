@@ -1,15 +1,11 @@
 """``cme-rewards doctor``: what this machine has, and whether CME works on it, in one command.
 
-It prints the versions found (Python, this package, torch with its CUDA, transformers, triton,
-the frameworks), whether ``import verl`` registers the reward manager ``cme`` (with the real import
-error when it does not: veRL itself logs it at DEBUG only), whether the TRL and OpenRLHF adapters
-import, the device and dtype the verifier would use, and whether the verifier loads and scores a
-probe sample. The options are the scorer's (``--verifier``, ``--device``, ``--dtype``, ...), so it
-checks the verifier exactly as a run with the same options would load it; ``--json`` prints one
-JSON object instead.
-
-Exit status: 0 when every check passes (a framework that is not installed is no failure), 1 when
-one fails, 2 for a bad option.
+Prints the versions found, whether ``import verl`` registers the reward manager ``cme`` (with the
+real import error when not: veRL logs it at DEBUG only), whether the TRL and OpenRLHF adapters
+import, the verifier's device and dtype, and whether it loads and scores a probe. Takes the
+scorer's options (``--verifier``, ``--device``, ...); ``--json`` prints one JSON object.
+Exit status: 0 when every check passes (a framework not installed is no failure), 1 when one
+fails, 2 for a bad option.
 """
 
 from __future__ import annotations
@@ -22,7 +18,6 @@ import math
 import platform
 import sys
 import time
-import traceback
 from typing import Any
 
 from cme_rewards.options import OptionError, ScorerOptions, add_arguments, flag, from_namespace
@@ -62,33 +57,13 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def _fallback_verl_status() -> tuple[bool, str]:
-    """``import verl`` here and look ``cme`` up in its reward-loop registry (the real error of
-    ``import cme_rewards.verl`` when it is missing)."""
-    try:
-        import verl  # noqa: F401 - loads the verl.plugins entry points
-        from verl.experimental.reward_loop.reward_manager.registry import REWARD_MANAGER
-    except Exception:  # noqa: BLE001 - reported
-        return False, f"`import verl` fails:\n{traceback.format_exc()}"
-    if REWARD_MANAGER.get("cme") is not None:
-        return True, "veRL registers reward manager 'cme'"
-    try:
-        import cme_rewards.verl.manager  # noqa: F401
-    except Exception:  # noqa: BLE001 - reported
-        return False, f"importing the cme plugin fails, so veRL skips it:\n{traceback.format_exc()}"
-    return False, "veRL did not load the cme plugin (is VERL_USE_EXTERNAL_PLUGINS set?)"
-
-
 def verl_check() -> dict[str, Any]:
     """Whether ``import verl`` registers ``cme`` (``installed`` False: veRL is absent, no failure)."""
     if importlib.util.find_spec("verl") is None:
         return {"installed": False, "ok": None, "detail": "not installed"}
-    try:
-        from cme_rewards.verl.status import plugin_status
-    except ImportError:
-        ok, detail = _fallback_verl_status()
-    else:
-        ok, detail = plugin_status()
+    from cme_rewards.verl.status import plugin_status
+
+    ok, detail = plugin_status()
     return {"installed": True, "ok": ok, "detail": detail}
 
 
@@ -99,11 +74,8 @@ def adapter_check(module: str, adapter: str) -> dict[str, Any]:
     try:
         importlib.import_module(adapter)
     except Exception as exc:  # noqa: BLE001 - reported
-        return {
-            "installed": True,
-            "ok": False,
-            "detail": f"{adapter} does not import ({type(exc).__name__}: {exc})",
-        }
+        detail = f"{adapter} does not import ({type(exc).__name__}: {exc})"
+        return {"installed": True, "ok": False, "detail": detail}
     return {"installed": True, "ok": True, "detail": f"{adapter} imports"}
 
 

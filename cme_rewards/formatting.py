@@ -133,16 +133,16 @@ def prompt_problem(prompt: Prompt) -> str | None:
     """Why ``prompt`` cannot be rendered (not text or messages, lone surrogates), or ``None``."""
     if isinstance(prompt, str):
         return None if is_text(prompt) else "undecodable text in prompt"
-    if isinstance(prompt, list | tuple) and prompt:
-        for k, message in enumerate(prompt):
-            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-                return f"prompt message {k} has no string content"
-            if not isinstance(message.get("role"), str):
-                return f"prompt message {k} has no string role"
-            if not (is_text(message["content"]) and is_text(message["role"])):
-                return f"undecodable text in prompt message {k}"
-        return None
-    return "prompt must be text or a non-empty list of chat messages"
+    if not isinstance(prompt, list | tuple) or not prompt:
+        return "prompt must be text or a non-empty list of chat messages"
+    for k, message in enumerate(prompt):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            return f"prompt message {k} has no string content"
+        if not isinstance(message.get("role"), str):
+            return f"prompt message {k} has no string role"
+        if not (is_text(message["content"]) and is_text(message["role"])):
+            return f"undecodable text in prompt message {k}"
+    return None
 
 
 def encode_sample(
@@ -203,10 +203,9 @@ def build_group_inputs(
     """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    failed = _prompt_failure(tokenizer, prompt, prompt_template, chat_template)
-    if isinstance(failed, str):
-        return [VerifierInput([], 0, error=failed) for _ in responses]
-    prompt_ids = failed
+    prompt_ids = _prompt_ids(tokenizer, prompt, prompt_template, chat_template)
+    if isinstance(prompt_ids, str):
+        return [VerifierInput([], 0, error=prompt_ids) for _ in responses]
     bodies: list[list[int] | str] = []
     truncated: list[bool] = []
     for response in responses:
@@ -219,19 +218,6 @@ def build_group_inputs(
     if len(prompt_ids) > budget:
         prompt_ids = prompt_ids[-budget:]
         truncated = [True] * len(bodies)
-    if not prompt_ids:
-        # A prompt that renders to nothing: the first response token has no context to be scored
-        # from, so the BOS (or, lacking one, the EOS) token stands in for it.
-        fallback = (
-            tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        )
-        if fallback is None:
-            return [
-                VerifierInput([], 0, error="empty prompt and the verifier has no BOS token")
-                for _ in responses
-            ]
-        prompt_ids = [fallback]
-        bodies = [b[: max_length - 1] if isinstance(b, list) else b for b in bodies]
     out = []
     for body, cut in zip(bodies, truncated, strict=True):
         if isinstance(body, str):
@@ -241,21 +227,27 @@ def build_group_inputs(
     return out
 
 
-def _prompt_failure(
+def _prompt_ids(
     tokenizer: PreTrainedTokenizerBase,
     prompt: Prompt,
     prompt_template: str | None,
     chat_template: str | None,
 ) -> list[int] | str:
-    """The prompt's ids, or why it cannot be rendered."""
+    """The prompt's ids (never none), or why it cannot be rendered."""
     if (problem := prompt_problem(prompt)) is not None:
         return problem
     try:
-        return render_prompt(
+        ids = render_prompt(
             tokenizer, prompt, prompt_template=prompt_template, chat_template=chat_template
         )
     except TemplateError as exc:
         return f"the verifier's chat template rejects the prompt: {exc}"[:300]
+    if ids:
+        return ids
+    # A prompt that renders to nothing: the first response token has no context to be scored
+    # from, so the BOS (or, lacking one, the EOS) token stands in for it.
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return [bos] if bos is not None else "empty prompt and the verifier has no BOS token"
 
 
 def _response_ids(

@@ -1,19 +1,15 @@
 """The verifier's forward passes: per-token log-probs of the scored positions, in micro-batches.
 
-Two ways to run a micro-batch, both ending in the output head applied only at scored rows:
-
 - :func:`forward_samples`: each sample is one right-padded row ``prompt + response``.
 - :func:`forward_shared`: each *piece* is one prompt and some of its responses. The prompts run
-  once, left-padded, filling a key/value cache; the cache is then gathered per response row and the
-  responses run after it (positions continuing after their own prompt). A group of G responses to
-  one prompt costs one prompt forward instead of G. Left padding keeps each prompt's keys next to
-  its responses, so relative distances (and sliding-window attention) are those of the unshared
-  forward; the result equals it up to floating-point summation order.
+  once, left-padded, filling a key/value cache that is gathered per response row; the responses run
+  after it, positions continuing after their own prompt. Left padding keeps each prompt's keys next
+  to its responses (same relative distances and sliding windows), so the result equals the unshared
+  forward up to floating-point summation order.
 
-:func:`plan_samples` and :func:`plan_pieces` cut work into micro-batches of at most ``budget``
-padded tokens, longest first (pieces: group by group, or by response length across groups,
-whichever computes fewer tokens); :func:`run_halving` runs them and, on out-of-memory, splits a batch in
-halves and retries instead of failing.
+Both apply the output head only at scored rows. :func:`plan_samples` and :func:`plan_pieces` cut
+work into micro-batches of at most ``budget`` padded tokens, longest first; :func:`run_halving`
+splits a batch in halves and retries on out-of-memory.
 """
 
 from __future__ import annotations
@@ -32,6 +28,8 @@ from cme_rewards.ops import linear_token_logprobs, token_logprobs
 logger = logging.getLogger(__name__)
 
 B = TypeVar("B")
+Groups = Sequence[tuple[tuple[int, ...], list[int]]]
+"""``(prompt ids, row indices)`` of each group of responses to one prompt."""
 
 
 @dataclass(frozen=True)
@@ -86,20 +84,13 @@ def plan_samples(lengths: dict[int, int], budget: int) -> list[list[int]]:
     return batches
 
 
-def plan_pieces(
-    groups: Sequence[tuple[tuple[int, ...], list[int]]],
-    response_len: dict[int, int],
-    budget: int,
-) -> list[list[Piece]]:
-    """Micro-batches of pieces: prompts padded to the longest (``n_prompts x P_max``) and
-    responses padded to the longest (``n_rows x R_max``) each stay within ``budget`` tokens.
+def plan_pieces(groups: Groups, response_len: dict[int, int], budget: int) -> list[list[Piece]]:
+    """Micro-batches of pieces whose prompts (``n_prompts x P_max``) and responses
+    (``n_rows x R_max``), padded to the longest, each stay within ``budget`` tokens.
 
-    ``groups``: ``(prompt ids, row indices)``. Of two plans, the one that computes fewer tokens
-    (padding included; the group plan on a tie): :func:`plan_by_group` runs each prompt once per
-    piece of its group, :func:`plan_by_length` sorts every response by length across groups and
-    runs a prompt once per micro-batch its responses land in. The first wins when prompts are long
-    and responses alike (long-context GRPO), the second when responses of one prompt differ in
-    length and prompts are short (chat answers), where group-wise padding would waste a third.
+    Of :func:`plan_by_group` (each prompt once per piece of its group: best for long prompts and
+    alike responses) and :func:`plan_by_length` (responses sorted by length across groups: best for
+    short prompts and responses of varied length), the one computing fewer tokens (group on a tie).
     """
     plans = [
         plan_by_group(groups, response_len, budget),
@@ -123,11 +114,7 @@ def padded_tokens(plan: list[list[Piece]], response_len: dict[int, int]) -> int:
     return total
 
 
-def plan_by_group(
-    groups: Sequence[tuple[tuple[int, ...], list[int]]],
-    response_len: dict[int, int],
-    budget: int,
-) -> list[list[Piece]]:
+def plan_by_group(groups: Groups, response_len: dict[int, int], budget: int) -> list[list[Piece]]:
     """Groups longest prompt first, each group's rows longest response first; a group too big
     for one batch is split into pieces (its prompt then runs once per piece)."""
     batches: list[list[Piece]] = []
@@ -140,16 +127,11 @@ def plan_by_group(
     for prompt, rows in sorted(groups, key=lambda g: len(g[0]), reverse=True):
         rows = sorted(rows, key=lambda i: response_len[i], reverse=True)
         while rows:
-            if open_batch and not fits(
-                max(p_max, len(prompt)),
-                max(r_max, response_len[rows[0]]),
-                n_rows + 1,
-                len(open_batch) + 1,
-            ):
+            p_new, r_new = max(p_max, len(prompt)), max(r_max, response_len[rows[0]])
+            if open_batch and not fits(p_new, r_new, n_rows + 1, len(open_batch) + 1):
                 batches.append(open_batch)
-                open_batch, p_max, r_max, n_rows = [], 0, 0, 0
-            p_new = max(p_max, len(prompt))
-            r_new = max(r_max, response_len[rows[0]])
+                open_batch, n_rows = [], 0
+                p_new, r_new = len(prompt), response_len[rows[0]]
             take = 1
             while take < len(rows) and fits(p_new, r_new, n_rows + take + 1, len(open_batch) + 1):
                 take += 1
@@ -161,11 +143,7 @@ def plan_by_group(
     return batches
 
 
-def plan_by_length(
-    groups: Sequence[tuple[tuple[int, ...], list[int]]],
-    response_len: dict[int, int],
-    budget: int,
-) -> list[list[Piece]]:
+def plan_by_length(groups: Groups, response_len: dict[int, int], budget: int) -> list[list[Piece]]:
     """Every row longest response first, across groups; a micro-batch holds one piece per prompt
     among its rows."""
     rows = sorted(
@@ -193,11 +171,6 @@ def plan_by_length(
 # -- running ------------------------------------------------------------------------------------------
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is an accelerator's (or the allocator's) out-of-memory error."""
-    return isinstance(exc, torch.OutOfMemoryError | MemoryError)
-
-
 def run_halving(
     batch: B,
     run: Callable[[B], dict[int, torch.Tensor]],
@@ -210,7 +183,8 @@ def run_halving(
     try:
         return run(batch)
     except Exception as exc:
-        if not is_out_of_memory(exc) or (parts := halves(batch)) is None:
+        out_of_memory = isinstance(exc, torch.OutOfMemoryError | MemoryError)
+        if not out_of_memory or (parts := halves(batch)) is None:
             raise
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -218,24 +192,31 @@ def run_halving(
     return {**run_halving(parts[0], run, halves), **run_halving(parts[1], run, halves)}
 
 
-def halve_samples(batch: list[int]) -> tuple[list[int], list[int]] | None:
+def halve_samples(batch: Sequence[B]) -> tuple[list[B], list[B]] | None:
     """Two halves of a batch of samples, or ``None`` for a single sample."""
-    if len(batch) < 2:
-        return None
     mid = len(batch) // 2
-    return batch[:mid], batch[mid:]
+    return (list(batch[:mid]), list(batch[mid:])) if mid else None
 
 
 def halve_pieces(batch: list[Piece]) -> tuple[list[Piece], list[Piece]] | None:
     """Two halves of a batch of pieces (a lone piece splits its rows), or ``None`` for one row."""
-    if len(batch) >= 2:
-        mid = len(batch) // 2
-        return batch[:mid], batch[mid:]
-    (piece,) = batch
-    if len(piece.rows) < 2:
-        return None
-    mid = len(piece.rows) // 2
-    return [Piece(piece.prompt, piece.rows[:mid])], [Piece(piece.prompt, piece.rows[mid:])]
+    if len(batch) >= 2 or (rows := halve_samples(batch[0].rows)) is None:
+        return halve_samples(batch)
+    return [Piece(batch[0].prompt, tuple(rows[0]))], [Piece(batch[0].prompt, tuple(rows[1]))]
+
+
+def _padded(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device, *, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention mask)``, each ``[len(seqs), longest]``, padded right (or left)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, seq in enumerate(seqs):
+        cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[b, cols] = torch.tensor(seq, dtype=torch.long)
+        mask[b, cols] = 1
+    return ids.to(device), mask.to(device)
 
 
 def forward_samples(
@@ -251,16 +232,11 @@ def forward_samples(
     ``head=None`` takes the model's own logits (for heads the config does not describe).
     """
     rows = [inputs[i] for i in batch]
-    width = max(len(x.input_ids) for x in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    ids, mask = _padded([x.input_ids for x in rows], pad_id, device)
     at_rows, at_cols = [], []
     for b, x in enumerate(rows):
-        ids[b, : len(x.input_ids)] = torch.tensor(x.input_ids)
-        mask[b, : len(x.input_ids)] = 1
         at_rows.extend([b] * x.n_scored)
         at_cols.extend(range(x.n_prompt - 1, len(x.input_ids) - 1))
-    ids, mask = ids.to(device), mask.to(device)
     r, c = torch.tensor(at_rows, device=device), torch.tensor(at_cols, device=device)
     targets = ids[r, c + 1]
     if head is not None:
@@ -281,14 +257,9 @@ def forward_shared(
     device: torch.device,
 ) -> dict[int, torch.Tensor]:
     """Log-probs ``[n_scored]`` (float32, nats) of every row of ``pieces``, each prompt run once."""
-    n_pieces = len(pieces)
-    p_max = max(len(p.prompt) for p in pieces)
-    prompt_ids = torch.full((n_pieces, p_max), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((n_pieces, p_max), dtype=torch.long)
-    for k, piece in enumerate(pieces):  # left padding: each prompt ends at column p_max - 1
-        prompt_ids[k, p_max - len(piece.prompt) :] = torch.tensor(piece.prompt)
-        prompt_mask[k, p_max - len(piece.prompt) :] = 1
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    # Left padding: each prompt ends at column p_max - 1.
+    prompt_ids, prompt_mask = _padded([p.prompt for p in pieces], pad_id, device, left=True)
+    p_max = prompt_ids.shape[1]
     cache = DynamicCache()  # plain full layers: every key kept, sliding windows masked by position
     last = body(
         input_ids=prompt_ids,
@@ -303,12 +274,7 @@ def forward_shared(
     r_max = max(len(b) for b in bodies)
     row_piece = torch.tensor([k for k, _ in rows], device=device)
     cache.batch_select_indices(row_piece)  # [n_rows, heads, p_max, head_dim] per layer
-    ids = torch.full((len(rows), r_max), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), r_max), dtype=torch.long)
-    for b, response in enumerate(bodies):
-        ids[b, : len(response)] = torch.tensor(response)
-        mask[b, : len(response)] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = _padded(bodies, pad_id, device)
     prompt_len = prompt_mask.sum(-1)[row_piece]
     hidden = body(
         input_ids=ids,

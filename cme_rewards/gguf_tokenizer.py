@@ -1,14 +1,12 @@
 """A correct fast tokenizer for SentencePiece-BPE GGUF files (Gemma), on any transformers version.
 
-A GGUF has no `tokenizer.json`: it stores the vocabulary as metadata (`tokenizer.ggml.tokens`,
-`.scores`, `.token_type`, special token ids and flags). For `tokenizer.ggml.model == "llama"`
-(a SentencePiece vocabulary without merges) transformers 5.10 rebuilds the Gemma-3 tokenizer as a
-Unigram model, which splits "capital" into `▁c|ap|it|al` and silently changes every log-prob.
-This module rebuilds it as SentencePiece / llama.cpp do: a byte-fallback BPE whose merges are every
-pair of pieces whose concatenation is a piece, ranked by the merged piece's score (ties: lower id).
-
-Detect the files that need it with :func:`is_sentencepiece_bpe` (metadata `tokenizer.ggml.model ==
-"llama"` plus `tokenizer.ggml.scores`); every Gemma / Gemma-2 / Gemma-3 GGUF is one.
+A GGUF stores its vocabulary as metadata (`tokenizer.ggml.tokens`, `.scores`, `.token_type`, ...),
+not as `tokenizer.json`. For `tokenizer.ggml.model == "llama"` (SentencePiece, no merges)
+transformers 5.10 rebuilds Gemma-3's tokenizer as a Unigram model, which splits "capital" into
+`▁c|ap|it|al` and silently changes every log-prob. This module rebuilds it as SentencePiece and
+llama.cpp do: a byte-fallback BPE whose merges are every pair of pieces whose concatenation is a
+piece, ranked by the merged piece's score (ties: lower id). :func:`is_sentencepiece_bpe` detects
+such files (every Gemma / Gemma-2 / Gemma-3 GGUF is one).
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -25,15 +24,6 @@ from gguf.gguf_reader import GGUFReader
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers
 from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
-
-__all__ = [
-    "GGUFVocab",
-    "SPM_TOKENIZER_MODEL",
-    "is_sentencepiece_bpe",
-    "read_gguf_vocab",
-    "sentencepiece_bpe_merges",
-    "tokenizer_from_gguf",
-]
 
 SPM_TOKENIZER_MODEL = "llama"
 """`tokenizer.ggml.model` of a SentencePiece vocabulary (llama.cpp's `LLAMA_VOCAB_TYPE_SPM`)."""
@@ -99,10 +89,9 @@ def _read_gguf_metadata(path: str) -> dict[str, Any]:
                 item_type, count = struct.unpack_from("<IQ", blob, pos)
                 pos += 12
                 if item_type == GGUFValueType.STRING:
-                    items = []
-                    for _ in range(count):
-                        item, pos = read_string(pos)
-                        items.append(item)
+                    items = [""] * count
+                    for k in range(count):
+                        items[k], pos = read_string(pos)
                     return items, pos
                 if item_type == GGUFValueType.ARRAY:
                     raise ValueError(f"{path}: nested metadata arrays are not supported")
@@ -110,9 +99,8 @@ def _read_gguf_metadata(path: str) -> dict[str, Any]:
                 array = np.frombuffer(blob, dtype=dtype, count=count, offset=pos).copy()
                 return array, pos + count * dtype.itemsize
             dtype = np.dtype(GGUFReader.gguf_scalar_to_np[GGUFValueType(value_type)])
-            return np.frombuffer(blob, dtype=dtype, count=1, offset=pos)[
-                0
-            ].item(), pos + dtype.itemsize
+            value = np.frombuffer(blob, dtype=dtype, count=1, offset=pos)[0]
+            return value.item(), pos + dtype.itemsize
 
         metadata: dict[str, Any] = {}
         pos = 24
@@ -184,7 +172,7 @@ def is_sentencepiece_bpe(vocab: GGUFVocab) -> bool:
 def _spelled(tokens: list[str]) -> list[str]:
     """Pieces as SentencePiece spells them: llama.cpp stores Gemma's whitespace pieces
     ("▁▁", "▁▁▁", ...) with real spaces, which the normalized text never contains."""
-    return [token.replace(" ", _SPACE) if " " in token else token for token in tokens]
+    return [token.replace(" ", _SPACE) for token in tokens]
 
 
 def sentencepiece_bpe_merges(
@@ -287,12 +275,7 @@ def tokenizer_from_gguf(gguf_path: str | os.PathLike) -> PreTrainedTokenizerFast
     if len(ids) != len(pieces):
         raise ValueError(f"{vocab.path}: the vocabulary spells some pieces twice")
     unk = pieces[vocab.unk_id] if vocab.unk_id is not None else None
-    added = _added_tokens(vocab, pieces)
-
-    def bpe(model_ids: dict[str, int], merges: list[tuple[str, str]]) -> BPE:
-        return BPE(
-            model_ids, merges, unk_token=unk, fuse_unk=True, byte_fallback=True, dropout=None
-        )
+    bpe = partial(BPE, ids, unk_token=unk, fuse_unk=True, byte_fallback=True, dropout=None)
 
     def name(token_id: int | None) -> str | None:
         return None if token_id is None else pieces[token_id]
@@ -303,7 +286,7 @@ def tokenizer_from_gguf(gguf_path: str | os.PathLike) -> PreTrainedTokenizerFast
     if vocab.context_length is not None:
         extra["model_max_length"] = vocab.context_length
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_pipeline(vocab, bpe(ids, []), added),
+        tokenizer_object=_pipeline(vocab, bpe([]), _added_tokens(vocab, pieces)),
         bos_token=name(vocab.bos_id),
         eos_token=name(vocab.eos_id),
         unk_token=unk,
@@ -313,9 +296,8 @@ def tokenizer_from_gguf(gguf_path: str | os.PathLike) -> PreTrainedTokenizerFast
         clean_up_tokenization_spaces=False,
         **extra,
     )
-    tokenizer.backend_tokenizer.model = bpe(
-        ids, sentencepiece_bpe_merges(pieces, vocab.scores, vocab.token_types)
-    )
+    merges = sentencepiece_bpe_merges(pieces, vocab.scores, vocab.token_types)
+    tokenizer.backend_tokenizer.model = bpe(merges)
     if vocab.chat_template is not None:
         tokenizer.chat_template = vocab.chat_template
     return tokenizer

@@ -1,11 +1,7 @@
-"""Resolving a verifier name to a loaded model and tokenizer, with an on-disk cache.
+"""Resolving a verifier name (see :mod:`cme_rewards.verifier_names`) to a loaded model and tokenizer.
 
-A name is, in this order: a built-in name (``BUILTIN_VERIFIERS``), a path to a ``.gguf`` file, a
-local folder with a transformers model, a hub id, or ``random:<any of those>`` (same architecture and
-tokenizer, freshly initialised weights from ``seed``: the control that tells how much of a result comes
-from the verifier's knowledge). GGUF files are dequantized to float32 once and saved as a transformers
-folder under the cache root (``$CME_REWARDS_CACHE``, default ``~/.cache/cme_rewards``), so later loads
-take about a second.
+GGUF files are dequantized to float32 once and saved as a transformers folder under the cache root
+(``$CME_REWARDS_CACHE``, default ``~/.cache/cme_rewards``), so later loads take about a second.
 """
 
 from __future__ import annotations
@@ -78,8 +74,7 @@ def builtin_gguf_path(name: str) -> Path:
 def _gguf_fingerprint(path: Path) -> str:
     """Stable key for a GGUF file: its size and the SHA-256 of its first MiB."""
     with path.open("rb") as fh:
-        head = fh.read(1 << 20)
-    digest = hashlib.sha256(head).hexdigest()[:16]
+        digest = hashlib.sha256(fh.read(1 << 20)).hexdigest()[:16]
     return f"{path.stem}-{path.stat().st_size}-{digest}-v{_CONVERSION_VERSION}"
 
 
@@ -207,6 +202,5 @@ def load_verifier(
             f"may be reachable from this machine: use a built-in name ({', '.join(BUILTIN_VERIFIERS)}), "
             f"a .gguf file or a local folder"
         ) from exc
-    model.to(dev).eval()
-    model.requires_grad_(False)
+    model.to(dev).eval().requires_grad_(False)
     return model, tokenizer

@@ -1,15 +1,11 @@
 """Every option declared once, and each surface generated from that declaration.
 
 An options class is a frozen dataclass whose fields carry their help, unit, choices and check in
-``metadata`` (:func:`option`), as TRL's ``GRPOConfig`` fields carry their help. From that one
-declaration this module builds every surface: command-line flags (:func:`add_arguments`,
+``metadata`` (:func:`option`). From it come command-line flags (:func:`add_arguments`,
 :func:`from_namespace`), environment variables (:func:`from_env`), config mappings such as veRL's
-``reward.cme`` block (:func:`from_mapping`) and keyword arguments (the dataclass itself). A bad value
-raises :class:`OptionError` carrying the option's name and one reason, and each surface prints that
-same reason under its own spelling of the name (``--max-length``, ``CME_REWARDS_MAX_LENGTH``,
-``reward.cme.max_length``, ``max_length``).
-
-:class:`ScorerOptions` holds the scorer's options (see ``docs/options.md`` for the table).
+``reward.cme`` (:func:`from_mapping`) and keyword arguments. A bad value raises
+:class:`OptionError`, which each surface prints under its own spelling of the name
+(``--max-length``, ``CME_REWARDS_MAX_LENGTH``, ``reward.cme.max_length``, ``max_length``).
 """
 
 from __future__ import annotations
@@ -29,16 +25,18 @@ from cme_rewards.verifier_names import DEFAULT_VERIFIER, verifier_name_problem
 
 T = TypeVar("T")
 Check = Callable[[Any], "str | None"]
+Spell = Callable[[str], str]
 
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 
 
-class OptionError(ValueError):
-    """A bad option value. ``option`` is its field name, ``reason`` says what is wrong.
+def _same(name: str) -> str:
+    return name
 
-    ``str(error)`` is ``"<option>: <reason>"``; surfaces re-spell the name with :meth:`on`.
-    """
+
+class OptionError(ValueError):
+    """A bad option value: ``str(error)`` is ``"<option>: <reason>"``; :meth:`on` re-spells it."""
 
     def __init__(self, option: str, reason: str) -> None:
         super().__init__(f"{option}: {reason}")
@@ -48,7 +46,7 @@ class OptionError(ValueError):
     def __reduce__(self) -> tuple[Any, tuple[str, str]]:  # picklable across Ray and processes
         return type(self), (self.option, self.reason)
 
-    def on(self, spell: Callable[[str], str]) -> OptionError:
+    def on(self, spell: Spell) -> OptionError:
         """The same error with the option spelled as a surface spells it (``--max-length``)."""
         return OptionError(spell(self.option), self.reason)
 
@@ -62,14 +60,12 @@ def option(
     check: Check | None = None,
     default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
 ) -> Any:
-    """A dataclass field carrying ``help``, ``unit``, ``choices`` and ``check`` in its metadata.
+    """A dataclass field with ``help``, ``unit``, ``choices`` and ``check`` in its metadata.
 
     ``check(value)`` returns ``None`` when the value is good, else the reason it is not.
     """
     metadata = {"help": help, "unit": unit, "choices": choices, "check": check}
-    if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
+    return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 # -- checks ---------------------------------------------------------------------------------------
@@ -90,79 +86,64 @@ def finite(v: Any) -> str | None:
     return None if v is None or math.isfinite(v) else f"must be a finite number, got {v!r}"
 
 
-# -- one field's type -------------------------------------------------------------------------------
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+# -- one field's type -----------------------------------------------------------------------------
 
 
 def _base_type(annotation: Any) -> tuple[Any, bool]:
     """``(type without None, whether None is allowed)`` of a field annotation."""
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0], True
+        return next(a for a in args if a is not type(None)), True
     return annotation, False
+
+
+def _kinds(cls: type) -> dict[str, tuple[Any, bool]]:
+    """Field name -> :func:`_base_type` of its annotation."""
+    return {name: _base_type(hint) for name, hint in typing.get_type_hints(cls).items()}
 
 
 def _is_tuple(kind: Any) -> bool:
     return typing.get_origin(kind) is tuple
 
 
-def _kind_name(kind: Any) -> str:
-    if _is_tuple(kind):
-        return "list of strings"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[kind]
+def _kind_error(name: str, kind: Any, value: Any) -> OptionError:
+    what = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    expected = "list of strings" if _is_tuple(kind) else what[kind]
+    return OptionError(name, f"expected {expected}, got {value!r}")
 
 
 def _from_string(kind: Any, raw: str) -> Any:
     """Parse a command-line or environment string as ``kind``; ``ValueError`` on bad text."""
+    text = raw.strip()
     if kind is bool:
-        word = raw.strip().lower()
-        if word in TRUE_WORDS:
-            return True
-        if word in FALSE_WORDS:
-            return False
-        raise ValueError
-    if kind is int:
-        return int(raw.strip())
-    if kind is float:
-        return float(raw.strip())
+        if text.lower() not in TRUE_WORDS + FALSE_WORDS:
+            raise ValueError
+        return text.lower() in TRUE_WORDS
+    if kind in (int, float):
+        return kind(text)
     if _is_tuple(kind):
-        text = raw.strip()
-        if text.startswith("["):
-            value = json.loads(text)
-            if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-                raise ValueError
-            return tuple(value)
-        return tuple(text.split())
+        if not text.startswith("["):
+            return tuple(text.split())
+        value = json.loads(text)
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise ValueError
+        return tuple(value)
     return raw
 
 
 def _coerce(kind: Any, value: Any) -> Any:
     """A typed value (Python, YAML, JSON) as ``kind``; ``ValueError`` when it is not one."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ValueError
-    if kind is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise ValueError
+    number = isinstance(value, int | float) and not isinstance(value, bool)
     if _is_tuple(kind):
         if isinstance(value, str):
             return (value,)
         if isinstance(value, list | tuple) and all(isinstance(s, str) for s in value):
             return tuple(value)
-        raise ValueError
-    if isinstance(value, str):
+    elif kind is float and number:
+        return float(value)
+    elif kind is int and number and (isinstance(value, int) or value.is_integer()):
+        return int(value)
+    elif kind in (bool, str) and isinstance(value, kind):
         return value
     raise ValueError
 
@@ -173,10 +154,10 @@ def check_fields(obj: Any) -> None:
     Coerces lossless conversions in place (an int where a float is declared, a list where a tuple
     is); raises :class:`OptionError` naming the first bad field.
     """
-    hints = _field_types(type(obj))
+    kinds = _kinds(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        kind, optional = _base_type(hints[f.name])
+        kind, optional = kinds[f.name]
         if value is None:
             if not optional:
                 raise OptionError(f.name, "must not be empty (null)")
@@ -184,7 +165,7 @@ def check_fields(obj: Any) -> None:
         try:
             value = _coerce(kind, value)
         except ValueError:
-            raise OptionError(f.name, f"expected {_kind_name(kind)}, got {value!r}") from None
+            raise _kind_error(f.name, kind, value) from None
         object.__setattr__(obj, f.name, value)
         choices = f.metadata.get("choices")
         if choices is not None and value not in choices:
@@ -199,13 +180,15 @@ def check_fields(obj: Any) -> None:
 # -- surfaces -------------------------------------------------------------------------------------
 
 
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
 def describe(f: dataclasses.Field) -> str:
     """A field's help with its unit and default, as every surface shows it."""
-    text = f.metadata.get("help", "")
     unit = f.metadata.get("unit")
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    shown = "none" if default is None or default == () else default
-    return f"{text}{f' ({unit})' if unit else ''} [default: {shown}]"
+    shown = "none" if _default(f) in (None, ()) else _default(f)
+    return f"{f.metadata.get('help', '')}{f' ({unit})' if unit else ''} [default: {shown}]"
 
 
 def flag(name: str) -> str:
@@ -224,11 +207,11 @@ def add_arguments(
     Values are kept as given (strings) and default to ``None`` (not given), so that
     :func:`from_namespace` parses and checks them exactly as every other surface does.
     """
-    hints = _field_types(cls)
+    kinds = _kinds(cls)
     for f in dataclasses.fields(cls):
         if f.name in exclude:
             continue
-        kind, _ = _base_type(hints[f.name])
+        kind, _ = kinds[f.name]
         kwargs: dict[str, Any] = {"default": None, "help": describe(f), "dest": f.name}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -239,28 +222,24 @@ def add_arguments(
         parser.add_argument(flag(f.name), **kwargs)
 
 
-def _build(cls: type[T], values: dict[str, Any], spell: Callable[[str], str]) -> T:
+def _build(cls: type[T], values: Mapping[str, Any], spell: Spell) -> T:
     try:
         return cls(**values)
     except OptionError as exc:
         raise exc.on(spell) from None
 
 
-def from_strings(
-    cls: type[T], raw: Mapping[str, Any], spell: Callable[[str], str] = lambda n: n
-) -> T:
+def from_strings(cls: type[T], raw: Mapping[str, Any], spell: Spell = _same) -> T:
     """``cls`` from field name -> string (or already typed) values; errors spelled by ``spell``."""
-    hints = _field_types(cls)
+    kinds = _kinds(cls)
     values: dict[str, Any] = {}
     for name, value in raw.items():
-        kind, _ = _base_type(hints[name])
+        kind, _ = kinds[name]
         if isinstance(value, str) and kind is not str:
             try:
                 value = _from_string(kind, value)
             except ValueError:
-                raise OptionError(
-                    spell(name), f"expected {_kind_name(kind)}, got {value!r}"
-                ) from None
+                raise _kind_error(spell(name), kind, value) from None
         elif isinstance(value, list) and _is_tuple(kind):
             value = tuple(value)
         values[name] = value
@@ -284,9 +263,7 @@ def from_env(cls: type[T], prefix: str, environ: Mapping[str, str] | None = None
     return from_strings(cls, env_values((cls,), prefix, environ), lambda n: env_name(prefix, n))
 
 
-def from_mapping(
-    cls: type[T], values: Mapping[str, Any] | None, spell: Callable[[str], str] = lambda n: n
-) -> T:
+def from_mapping(cls: type[T], values: Mapping[str, Any] | None, spell: Spell = _same) -> T:
     """``cls`` from a typed mapping (YAML, JSON, Hydra); unknown keys are named with the known ones."""
     return from_values((cls,), dict(values or {}), spell)[0]
 
@@ -296,10 +273,16 @@ def field_names(*classes: type) -> list[str]:
     return [f.name for cls in classes for f in dataclasses.fields(cls)]
 
 
+def _reject_unknown(classes: tuple[type, ...], names: Any, spell: Spell) -> None:
+    known = field_names(*classes)
+    if unknown := sorted(set(names) - set(known)):
+        raise OptionError(spell(unknown[0]), f"unknown option; known options: {', '.join(known)}")
+
+
 def from_values(
     classes: tuple[type, ...],
     values: Mapping[str, Any],
-    spell: Callable[[str], str] = lambda n: n,
+    spell: Spell = _same,
     *,
     strings: bool = False,
 ) -> list[Any]:
@@ -308,13 +291,11 @@ def from_values(
     Keys belong to exactly one class; an unknown key is named with the known ones. With
     ``strings=True`` string values are parsed as each field's type (command line, environment).
     """
-    known = field_names(*classes)
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise OptionError(spell(unknown[0]), f"unknown option; known options: {', '.join(known)}")
+    _reject_unknown(classes, values, spell)
     out = []
     for cls in classes:
-        mine, _ = split_known(cls, values)
+        names = set(field_names(cls))
+        mine = {k: v for k, v in values.items() if k in names}
         out.append(from_strings(cls, mine, spell) if strings else _build(cls, mine, spell))
     return out
 
@@ -324,37 +305,22 @@ def env_values(
 ) -> dict[str, str]:
     """Field name -> value of every set, non-blank ``<prefix><FIELD>`` variable."""
     env = os.environ if environ is None else environ
-    raw = {}
-    for name in field_names(*classes):
-        value = env.get(env_name(prefix, name))
-        if value is not None and value.strip() != "":
-            raw[name] = value
-    return raw
-
-
-def split_known(cls: type, values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(values that are fields of cls, the rest)``."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return (
-        {k: v for k, v in values.items() if k in names},
-        {k: v for k, v in values.items() if k not in names},
-    )
+    raw = {name: env.get(env_name(prefix, name)) for name in field_names(*classes)}
+    return {name: value for name, value in raw.items() if value is not None and value.strip()}
 
 
 def markdown_table(cls: type) -> str:
     """A Markdown table of ``cls``'s options: name, type, default, unit, meaning (for the docs)."""
-    hints = _field_types(cls)
+    kinds = _kinds(cls)
     lines = ["| option | type | default | unit | meaning |", "| --- | --- | --- | --- | --- |"]
     for f in dataclasses.fields(cls):
-        kind, optional = _base_type(hints[f.name])
+        kind, optional = kinds[f.name]
         kind_text = "list of strings" if _is_tuple(kind) else kind.__name__
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = "none" if default is None or default == () else f"`{default}`"
-        choices = f.metadata.get("choices")
-        meaning = f.metadata.get("help", "")
-        if choices:
-            meaning += f" (one of {', '.join(f'`{c}`' for c in choices)})"
         kind_text += " or none" if optional else ""
+        shown = "none" if _default(f) in (None, ()) else f"`{_default(f)}`"
+        meaning = f.metadata.get("help", "")
+        if choices := f.metadata.get("choices"):
+            meaning += f" (one of {', '.join(f'`{c}`' for c in choices)})"
         lines.append(
             f"| `{f.name}` | {kind_text} | {shown} | {f.metadata.get('unit') or ''} | {meaning} |"
         )
@@ -366,6 +332,8 @@ def markdown_table(cls: type) -> str:
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 IMPLS = ("auto", "torch", "triton")
 REDUCTIONS = ("mean", "sum", "min_k", "pmi", "pmi_sum")
+_TRITON_NEEDS_CUDA = "triton needs a CUDA device (or TRITON_INTERPRET=1 to interpret on CPU)"
+_TRITON_MISSING = "triton is not installed (pip install triton)"
 
 
 def _check_device(device: str) -> str | None:
@@ -397,9 +365,7 @@ def device_unavailable(device: str) -> str | None:
     return None
 
 
-def _check_prompt_template(template: str | None) -> str | None:
-    if template is None:
-        return None
+def _check_prompt_template(template: str) -> str | None:
     if "{prompt}" not in template:
         return "must contain the field {prompt}"
     try:
@@ -412,9 +378,7 @@ def _check_prompt_template(template: str | None) -> str | None:
     return None
 
 
-def _check_chat_template(template: str | None) -> str | None:
-    if template is None:
-        return None
+def _check_chat_template(template: str) -> str | None:
     from jinja2 import TemplateSyntaxError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -427,11 +391,8 @@ def _check_chat_template(template: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class ScorerOptions:
-    """Every option of the CME scorer: one declaration behind every surface.
-
-    Surfaces: ``CMEScorer(**options)`` and ``ScorerOptions(...)``; ``cme-rewards score/serve``
-    flags (``--max-length``); OpenRLHF file mode's ``CME_REWARDS_MAX_LENGTH``; veRL's
-    ``reward.cme.max_length``; the TRL script's ``--cme_max_length``.
+    """Every option of the CME scorer (``docs/options.md``): ``CMEScorer(max_length=...)``,
+    ``--max-length``, ``CME_REWARDS_MAX_LENGTH``, ``reward.cme.max_length``, ``--cme_max_length``.
     """
 
     verifier: str = option(
@@ -521,21 +482,15 @@ class ScorerOptions:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if (
-            self.impl == "triton"
-            and self.device == "cpu"
-            and not os.environ.get("TRITON_INTERPRET")
-        ):
-            raise OptionError(
-                "impl", "triton needs a CUDA device (or TRITON_INTERPRET=1 to interpret on CPU)"
-            )
         if self.impl == "triton":
+            if self.device == "cpu" and not os.environ.get("TRITON_INTERPRET"):
+                raise OptionError("impl", _TRITON_NEEDS_CUDA)
             try:
                 import triton  # noqa: F401
             except ImportError:
-                raise OptionError("impl", "triton is not installed (pip install triton)") from None
+                raise OptionError("impl", _TRITON_MISSING) from None
 
-    def check_here(self, spell: Callable[[str], str] = lambda n: n) -> None:
+    def check_here(self, spell: Spell = _same) -> None:
         """Checks that depend on this machine (the device exists), made just before loading;
         :class:`OptionError` names the option as ``spell`` spells it."""
         if (reason := device_unavailable(self.device)) is not None:
@@ -546,26 +501,20 @@ class ScorerOptions:
             import torch
 
             if importlib.util.find_spec("triton") is None:
-                raise OptionError(spell("impl"), "triton is not installed (pip install triton)")
+                raise OptionError(spell("impl"), _TRITON_MISSING)
             on_cuda = self.device.startswith("cuda") or (
                 self.device == "auto" and torch.cuda.is_available()
             )
             if not on_cuda and not os.environ.get("TRITON_INTERPRET"):
-                raise OptionError(
-                    spell("impl"),
-                    "triton needs a CUDA device (or TRITON_INTERPRET=1 to interpret on CPU)",
-                )
+                raise OptionError(spell("impl"), _TRITON_NEEDS_CUDA)
 
     @classmethod
     def from_kwargs(cls, base: ScorerOptions | None = None, **kwargs: Any) -> ScorerOptions:
         """``base`` (default: the defaults) with ``kwargs`` applied; an unknown name raises
         :class:`OptionError` listing the known ones."""
-        known, unknown = split_known(cls, kwargs)
-        if unknown:
-            names = ", ".join(field_names(cls))
-            raise OptionError(sorted(unknown)[0], f"unknown option; known options: {names}")
+        _reject_unknown((cls,), kwargs, _same)
         base = base or cls()
-        return base.replace(**known) if known else base
+        return base.replace(**kwargs) if kwargs else base
 
     def replace(self, **changes: Any) -> ScorerOptions:
         """A copy with ``changes`` applied (and checked)."""

@@ -1,17 +1,11 @@
 """Turning per-token log-probs into a reward, and rewards into GRPO advantages.
 
-Reductions (``ScorerOptions.reduction``), over the ``n`` scored response tokens, in nats:
-
-- ``mean``: CME, ``sum_t log q(y_t | x, y_<t) / n``;
-- ``sum``: the response's total log-likelihood;
-- ``min_k``: the mean of the lowest ``ceil(min_k_percent / 100 * n)`` token log-probs (the
-  Min-K% statistic: how bad the response's worst tokens are);
-- ``pmi``: ``mean`` given the prompt minus ``mean`` of the same response tokens after an empty
-  prompt in the same format (how much the prompt explains the response; predictable style alone
-  cancels out);
-- ``pmi_sum``: the same difference summed over the response's tokens, ``log q(y | x) - log q(y)``:
-  the total information the prompt gives about the response, which grows with every token that
-  answers the prompt and shrinks with tokens that would be written whatever was asked.
+Reductions (``ScorerOptions.reduction``) over the ``n`` scored response tokens, in nats: ``mean``
+(CME, ``sum_t log q(y_t | x, y_<t) / n``); ``sum`` (total log-likelihood); ``min_k`` (mean of the
+lowest ``ceil(min_k_percent / 100 * n)`` log-probs: how bad the worst tokens are); ``pmi`` (``mean``
+minus ``mean`` of the same tokens after an empty prompt in the same format: predictable style
+cancels out); ``pmi_sum`` (that difference summed, ``log q(y | x) - log q(y)``: the information the
+prompt gives about the response).
 """
 
 from __future__ import annotations

@@ -1,47 +1,23 @@
-"""Remote verifiers: CME from an inference server's prompt log-probs (vLLM or SGLang wire format).
+"""Remote verifiers: CME from an inference server's prompt log-probs (vLLM or SGLang).
 
-The verifier's token ids are built here, exactly as :class:`cme_rewards.CMEScorer` builds them
-(:func:`cme_rewards.formatting.build_verifier_input` with the verifier's tokenizer), sent to the
-server as token ids, and the log-probs it returns for the response positions are reduced with
-:func:`cme_rewards.reductions.reduce_token_logprobs`. So a remote verifier gives the same value as a
-local one, up to the server's numerics.
+Token ids are built as :class:`cme_rewards.CMEScorer` builds them and sent as ids; the returned
+log-probs of the response positions go through the same :func:`cme_rewards.results.finish_sample`,
+so a remote verifier gives the local value up to the server's numerics.
 
-Wire formats:
+- vLLM: ``POST /v1/completions`` with ``prompt_logprobs: 0`` (``choices[0].prompt_logprobs``: one
+  entry per prompt token keyed by its id; ``-inf`` comes as ``-9999.0``); checked with
+  ``GET /v1/models`` (names the model, gives ``max_model_len``) and ``POST /tokenize``.
+- SGLang: ``POST /generate`` with ``return_logprob`` from ``logprob_start_len = n_prompt - 1``
+  (``meta_info.input_token_logprobs``: ``[logprob, token_id, text]``, the first ``null``; ``-inf``
+  comes as ``null``; ids at or above ``vocab_size - 1`` come as ``0``); checked with
+  ``GET /get_model_info``.
 
-- **vLLM** (``backend="vllm"``): ``POST {url}/v1/completions`` with ``{"model", "prompt": [ids],
-  "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}``; the answer's
-  ``choices[0].prompt_logprobs`` holds one entry per prompt token: ``null`` for the first, then a
-  dict keyed by the token id (as a string) of ``{"logprob", "rank", "decoded_token"}``. Start-up
-  check: ``GET {url}/v1/models`` (it also names the model when none is given).
-- **SGLang** (``backend="sglang"``): ``POST {url}/generate`` with ``{"input_ids": [ids],
-  "sampling_params": {"max_new_tokens": 1, "temperature": 0}, "return_logprob": true,
-  "logprob_start_len": n_prompt - 1}``; the answer's ``meta_info.input_token_logprobs`` is a list of
-  ``[logprob, token_id, text]`` aligned with ``input_ids[logprob_start_len:]`` whose first logprob
-  is always ``null``. Start-up check: ``GET {url}/get_model_info`` (``is_generation`` must be true).
-
-Start-up check (:meth:`RemoteVerifier.check`): the server answers and serves a generative model;
-the client-side tokenizer is the served model's (vLLM: ``POST {url}/tokenize`` of
-:data:`PROBE_TEXT`; SGLang: the input ids ``/generate`` reports for the same text), else
-:class:`RemoteConfigError` naming ``verifier`` with both names. vLLM's ``/v1/models`` gives the
-model's ``max_model_len``: ``max_length`` is lowered (with a warning) so that a sample plus the one
-generated token always fits, samples are cut from the left as the local scorer cuts them, and no
-request is ever rejected for its length.
-
-Servers' conventions, read back as the local scorer would see them: vLLM clamps a ``-inf``
-log-prob to ``-9999.0`` for JSON, so ``-9999.0`` is read as ``-inf``; SGLang serialises ``-inf``
-as ``null`` (read as ``-inf``) and reports input token ids at or above ``vocab_size - 1`` as ``0``
-(accepted for the tokenizer's last id). A non-finite log-prob gives the floor with the local
-scorer's error, "non-finite log-prob from verifier".
-
-Failures: connection errors, timeouts and 5xx answers are retried on :mod:`cme_rewards.retry`'s
-schedule. When ``max_retries`` tries of a scoring request all get a 5xx answer, one small probe
-request tells a sample the server rejects from a server in trouble: veRL's reward-model router
-(``verl/experimental/reward_loop/router/naive_router.py``) turns a server's 4xx into a 500 without
-its message, so a server that answers the probe has rejected this sample, which gets the floor with
-``error`` set. Otherwise, and when connections fail, :class:`RemoteVerifierUnavailable` is raised
-(the verifier is down: not a property of one sample). A 4xx answer or a malformed answer for one
-sample, or a sample that can never be scored (empty response), gives the floor reward with
-``error`` set.
+:meth:`RemoteVerifier.check` raises :class:`RemoteConfigError` naming ``url``, ``model`` or
+``verifier`` (the client tokenizer splits :data:`PROBE_TEXT` differently), and lowers
+``max_length`` to fit ``max_model_len``. Connection errors, timeouts and 5xx are retried on
+:mod:`cme_rewards.retry`'s schedule; then, if the server still answers a small probe request, the
+sample was rejected (veRL's router turns a 4xx into a 500) and gets the floor, else
+:class:`RemoteVerifierUnavailable` is raised. A 4xx or malformed answer floors that sample.
 """
 
 from __future__ import annotations
@@ -69,8 +45,7 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("vllm", "sglang")
 
 
-RemoteConfigError = OptionError
-"""A setting of a remote verifier is wrong; ``option`` names it (``url``, ``model``, ...)."""
+RemoteConfigError = OptionError  # a remote setting is wrong; ``option`` names it (``url``, ...)
 
 
 class RemoteVerifierUnavailable(RuntimeError):
@@ -121,13 +96,10 @@ def load_verifier_tokenizer(name: str) -> Tokenizer:
 
 
 class RemoteVerifier:
-    """Scores (prompt, response) pairs with a verifier served over HTTP; see the module docstring.
+    """Scores (prompt, response) pairs with a served verifier whose tokenizer is ``tokenizer``.
 
-    Args:
-        tokenizer: the verifier's tokenizer (it must be the served model's).
-        options: the scorer's options (``max_length``, ``reduction``, ``floor``, ...); ``verifier``
-            names the tokenizer, ``device``/``dtype`` are the server's business.
-        remote: the server's URL, model name, timeout and tries.
+    ``options`` are the scorer's (``device``/``dtype`` are the server's business); ``remote`` says
+    where the server is.
     """
 
     backend: str = ""
@@ -152,19 +124,12 @@ class RemoteVerifier:
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
 
-    # -- public ----------------------------------------------------------------------------------
-
     def encode(self, prompt: Prompt, response: str) -> VerifierInput:
         """The verifier's ids and scored positions for one sample (same as ``CMEScorer.encode``)."""
         return encode_sample(self.tokenizer, prompt, response, self.options)
 
     async def check(self) -> None:
-        """Start-up check (see the module docstring).
-
-        Raises :class:`RemoteConfigError` naming ``url`` (unreachable, wrong kind of server),
-        ``model`` (not served) or ``verifier`` (the tokenizer is not the served model's); lowers
-        ``max_length`` to the served context (see the module docstring).
-        """
+        """Start-up check (see the module docstring); raises :class:`RemoteConfigError`."""
         try:
             await self._check()
             self._check_length()
@@ -197,8 +162,6 @@ class RemoteVerifier:
             self.options = self.options.replace(max_length=self.max_model_len - 1)
 
     async def _check_tokenizer(self) -> None:
-        """Raise :class:`RemoteConfigError` (``verifier``) when the server splits
-        :data:`PROBE_TEXT` into other ids than the client-side tokenizer does."""
         try:
             theirs, ours = await self._probe_tokens()
         except (_SampleError, RemoteVerifierUnavailable) as exc:
@@ -211,10 +174,8 @@ class RemoteVerifier:
             )
             return
         if theirs != ours:
-            at = next(
-                (i for i, (a, b) in enumerate(zip(theirs, ours, strict=False)) if a != b), None
-            )
-            at = min(len(theirs), len(ours)) if at is None else at
+            pairs = enumerate(zip(theirs, ours, strict=False))
+            at = next((i for i, (a, b) in pairs if a != b), min(len(theirs), len(ours)))
             raise RemoteConfigError(
                 "verifier",
                 f"the tokenizer of {self.verifier_name!r} (client side) does not match the model "
@@ -235,10 +196,8 @@ class RemoteVerifier:
         id: str | None = None,
         keep_token_logprobs: bool = False,
     ) -> CMEResult:
-        """The reward (nats) of one response; floor with ``error`` for a sample that cannot be scored.
-
-        ``keep_token_logprobs`` keeps the per-token log-probs (nats) in the result.
-        """
+        """The reward (nats) of one response, or the floor with ``error``; ``keep_token_logprobs``
+        keeps the per-token log-probs (nats)."""
         inp = self.encode(prompt, response)
         if inp.error is not None:
             return finish_sample(inp, None, self.options, id=id)
@@ -269,14 +228,9 @@ class RemoteVerifier:
         """Score many samples concurrently (one request each; the server batches them)."""
         if len(prompts) != len(responses):
             raise ValueError(f"responses: {len(responses)} entries for {len(prompts)} prompts")
-        return list(
-            await asyncio.gather(
-                *(
-                    self.score(p, r, id=None if ids is None else ids[i])
-                    for i, (p, r) in enumerate(zip(prompts, responses, strict=True))
-                )
-            )
-        )
+        ids = ids if ids is not None else [None] * len(prompts)
+        pending = [self.score(p, r, id=i) for p, r, i in zip(prompts, responses, ids, strict=True)]
+        return list(await asyncio.gather(*pending))
 
     async def aclose(self) -> None:
         """Close the HTTP session (if one is open on the running loop)."""
@@ -284,7 +238,7 @@ class RemoteVerifier:
             await self._session.close()
         self._session = None
 
-    # -- wire format (subclasses) ----------------------------------------------------------------
+    # -- wire format (subclasses) --
 
     async def _check(self) -> None:
         raise NotImplementedError
@@ -306,7 +260,7 @@ class RemoteVerifier:
         bos = self.tokenizer.bos_token_id
         return ([bos] if bos is not None else []) + ids
 
-    # -- HTTP ------------------------------------------------------------------------------------
+    # -- HTTP --
 
     def _client(self) -> aiohttp.ClientSession:
         """A session on the running event loop (a session cannot move between loops)."""
@@ -321,11 +275,8 @@ class RemoteVerifier:
     async def _request(
         self, method: str, path: str, payload: dict | None = None, *, per_sample: bool = False
     ) -> Any:
-        """JSON answer of ``method {url}{path}``; retries transient trouble (see module docstring).
-
-        ``per_sample``: the request scores one sample; when every try got a 5xx answer and the
-        server answers a probe request, the sample was rejected: :class:`_SampleError`.
-        """
+        """JSON answer of ``method {url}{path}``, retried; ``per_sample``: a 5xx on every try while
+        the server answers a probe request means it rejects this sample (:class:`_SampleError`)."""
         url = f"{self.url}{path}"
         try:
             return await retry_async(
@@ -389,7 +340,7 @@ class VLLMVerifier(RemoteVerifier):
     async def _check(self) -> None:
         answer = await self._request("GET", "/v1/models")
         try:
-            served = [m["id"] for m in answer["data"]]
+            served = {m["id"]: m for m in answer["data"]}
         except (KeyError, TypeError) as exc:
             raise RemoteConfigError(
                 "url", f"{self.url}/v1/models is not an OpenAI model list"
@@ -397,14 +348,13 @@ class VLLMVerifier(RemoteVerifier):
         if not served:
             raise RemoteConfigError("model", f"the server at {self.url} serves no model")
         if self.model is None:
-            self.model = served[0]
+            self.model = next(iter(served))
         elif self.model not in served:
             raise RemoteConfigError(
-                "model", f"{self.model!r} is not served at {self.url}; it serves {served}"
+                "model", f"{self.model!r} is not served at {self.url}; it serves {list(served)}"
             )
-        entry = next(m for m in answer["data"] if m["id"] == self.model)
-        if isinstance(entry.get("max_model_len"), int):
-            self.max_model_len = entry["max_model_len"]
+        if isinstance(max_len := served[self.model].get("max_model_len"), int):
+            self.max_model_len = max_len
 
     async def _probe_tokens(self) -> tuple[list[int], list[int]]:
         payload = {"model": self.model, "prompt": PROBE_TEXT, "add_special_tokens": False}

@@ -1,15 +1,9 @@
-"""What scoring returns, the one path that finishes a sample, and the seam adapters use.
+"""What scoring returns, and the one path that finishes a sample (:func:`finish_sample`), shared
+by the local scorer and the remote verifiers; grouped input then goes through :func:`finish_groups`.
 
-Every scoring surface (Python, CLI JSONL, server JSON, adapters' extra info) uses the field names of
-:class:`CMEResult`. A sample is finished in one place, :func:`finish_sample` (reduce, floor, log,
-build the result), shared by the local scorer and the remote verifiers; grouped input then goes
-through :func:`finish_groups` (group-relative floor, GRPO advantages).
-
-Failure policy: a sample that can never be scored gets a floor reward with ``error`` set and a
-warning logged with its id (escaped). Where its group is known, the floor is the worst scored
-member's reward minus ``floor_margin``, so it ranks last without inflating the group's std; where
-no group is known (or every member failed), it is ``ScorerOptions.floor_reward()``: ``floor``
-(-50 nats), times ``max_length`` for ``reduction="sum"``.
+A sample that can never be scored gets a floor reward with ``error`` set and a warning naming its
+id. With its group known, the floor is the worst scored member's reward minus ``floor_margin``;
+otherwise ``ScorerOptions.floor_reward()`` (``floor``, -50 nats; times ``max_length`` for "sum").
 """
 
 from __future__ import annotations
@@ -40,15 +34,10 @@ RESULT_FIELDS = ("cme", "n_tokens", "truncated", "error")
 class CMEResult:
     """CME of one response under the verifier.
 
-    Attributes:
-        cme: the reward in nats (by the scorer's ``reduction``); the floor reward when ``error``
-            is set. Always finite.
-        n_tokens: number of scored verifier tokens.
-        truncated: the verifier did not see the whole prompt + response (cut to ``max_length``).
-        error: ``None``, or a short reason why the sample got the floor reward.
-        advantage: GRPO advantage within the sample's group (grouped input only).
-        id: the sample's id, when one was given.
-        token_logprobs: per-token log-probs (nats, one per scored token), when requested.
+    ``cme``: the reward in nats (by ``reduction``), always finite; the floor when ``error`` (a short
+    reason) is set. ``n_tokens``: scored verifier tokens. ``truncated``: the verifier did not see the
+    whole sample (cut to ``max_length``). ``advantage``: GRPO advantage in its group (grouped input).
+    ``token_logprobs``: per scored token (nats), when requested.
     """
 
     cme: float
@@ -61,12 +50,7 @@ class CMEResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The shared output fields: ``cme``, ``n_tokens``, ``truncated``, ``error`` (+ ``advantage``)."""
-        out: dict[str, Any] = {
-            "cme": self.cme,
-            "n_tokens": self.n_tokens,
-            "truncated": self.truncated,
-            "error": self.error,
-        }
+        out: dict[str, Any] = {name: getattr(self, name) for name in RESULT_FIELDS}
         if self.advantage is not None:
             out["advantage"] = self.advantage
         return out
@@ -97,9 +81,7 @@ def floored(
     """The fixed floor result for a sample that cannot be scored; logs a warning naming ``id``."""
     who = "a sample without id" if id is None else f"sample {id!r}"
     logger.warning("%s cannot be scored: %r; it gets the floor reward", who, error)
-    return CMEResult(
-        cme=options.floor_reward(), n_tokens=0, truncated=truncated, error=error, id=id
-    )
+    return CMEResult(options.floor_reward(), 0, truncated, error, id=id)
 
 
 def finish_sample(
@@ -111,31 +93,24 @@ def finish_sample(
     unconditional: torch.Tensor | Sequence[float] | None = None,
     keep_token_logprobs: bool = False,
 ) -> CMEResult:
-    """One sample's result: its reduced reward (nats), or the floor with ``error`` set.
+    """One sample's reduced reward (nats), or the floor with ``error`` set.
 
-    ``token_logprobs`` ``[inp.n_scored]`` (nats) is ``None`` when the sample was not scored
-    (``inp.error`` then says why). ``unconditional`` serves ``reduction="pmi"``.
+    ``token_logprobs`` ``[inp.n_scored]`` (nats), ``None`` when not scored; ``unconditional`` is
+    for ``reduction="pmi"``.
     """
-    if inp.error is not None or token_logprobs is None:
-        return floored(inp.error or "not scored", options, id=id, truncated=inp.truncated)
-    value, error = reduce_token_logprobs(
-        token_logprobs,
-        reduction=options.reduction,
-        min_tokens=options.min_tokens,
-        min_k_percent=options.min_k_percent,
-        unconditional=unconditional,
-    )
+    value, error = None, inp.error
+    if error is None and token_logprobs is not None:
+        value, error = reduce_token_logprobs(
+            token_logprobs,
+            reduction=options.reduction,
+            min_tokens=options.min_tokens,
+            min_k_percent=options.min_k_percent,
+            unconditional=unconditional,
+        )
     if value is None:
         return floored(error or "not scored", options, id=id, truncated=inp.truncated)
     values = [float(x) for x in token_logprobs] if keep_token_logprobs else None
-    return CMEResult(
-        cme=value,
-        n_tokens=inp.n_scored,
-        truncated=inp.truncated,
-        error=None,
-        id=id,
-        token_logprobs=values,
-    )
+    return CMEResult(value, inp.n_scored, inp.truncated, None, id=id, token_logprobs=values)
 
 
 def group_floor(results: Sequence[CMEResult], groups: Sequence[Hashable], margin: float) -> None:
@@ -143,10 +118,8 @@ def group_floor(results: Sequence[CMEResult], groups: Sequence[Hashable], margin
     member's reward minus ``margin`` (nats), so it ranks last without inflating the group's std."""
     for idx in group_members(groups).values():
         scored = [results[i].cme for i in idx if results[i].error is None]
-        if not scored:
-            continue
         for i in idx:
-            if results[i].error is not None:
+            if scored and results[i].error is not None:
                 results[i].cme = min(scored) - margin
 
 
@@ -166,12 +139,8 @@ METRIC_PREFIX = "cme/"
 
 
 def batch_metrics(results: Sequence[CMEResult]) -> dict[str, float]:
-    """Aggregates of one training step's results, under the names every adapter logs.
-
-    ``cme/mean``, ``cme/std`` (population), ``cme/min``, ``cme/max`` of the rewards of scored
-    samples (nats; 0 when none was scored), ``cme/floored_frac``, ``cme/truncated_frac`` and
-    ``cme/n_tokens_mean`` over all samples.
-    """
+    """A step's ``cme/mean``, ``cme/std`` (population), ``cme/min``, ``cme/max`` over scored samples
+    (nats; 0 when none), and ``cme/floored_frac``, ``cme/truncated_frac``, ``cme/n_tokens_mean``."""
     n = len(results)
     if n == 0:
         return {}

@@ -1,8 +1,8 @@
 """One retry policy for transient trouble, used by every surface (remote verifiers, veRL, OpenRLHF).
 
-Schedule: up to ``tries`` attempts; after failed attempt ``k`` (0-based) the caller waits
+Up to ``tries`` attempts; after failed attempt ``k`` (0-based) the caller waits
 :func:`backoff_delay` ``= min(0.5 * 2**k, 8)`` seconds (0.5, 1, 2, 4, 8, 8, ...). Only exceptions
-:func:`is_transient` accepts are retried; any other one, and the last transient one, propagate.
+``transient`` (default :func:`is_transient`) accepts are retried; others, and the last, propagate.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_TRIES = 5
-BACKOFF_FIRST_S = 0.5
-BACKOFF_CAP_S = 8.0
 
 
 class TransientError(RuntimeError):
@@ -35,7 +33,7 @@ def is_transient(exc: BaseException) -> bool:
 
 def backoff_delay(attempt: int) -> float:
     """Seconds to wait after failed attempt ``attempt`` (0-based)."""
-    return min(BACKOFF_FIRST_S * 2**attempt, BACKOFF_CAP_S)
+    return min(0.5 * 2**attempt, 8.0)
 
 
 def _should_retry(exc: BaseException, attempt: int, tries: int, what: str, transient) -> float:

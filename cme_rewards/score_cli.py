@@ -23,10 +23,9 @@ def _check_messages(value: Any, where: str, field: str) -> None:
     if not isinstance(value, list) or not value:
         raise InputError(f"{where}: field {field!r} must be a non-empty list of chat messages")
     for k, message in enumerate(value):
-        if (
-            not isinstance(message, dict)
-            or not isinstance(message.get("content"), str)
-            or not isinstance(message.get("role"), str)
+        if not (
+            isinstance(message, dict)
+            and all(isinstance(message.get(key), str) for key in ("content", "role"))
         ):
             raise InputError(
                 f"{where}: field {field!r}[{k}] must be an object with string 'role' and 'content'"
@@ -80,33 +79,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = from_namespace(ScorerOptions, args)
         options.check_here(flag)
-    except OptionError as exc:
-        print(f"cme-rewards score: error: {exc}", file=sys.stderr)
-        return 2
-    try:
         where = shown(args.input)
-        records, samples = [], []
+        recs, samples, ids = [], [], []
         for lineno, record in read_jsonl(args.input):  # the first bad line is the one named
             samples.append(parse_sample(record, f"{where}:{lineno}"))
-            records.append((lineno, record))
-        if not records:
+            recs.append(record)
+            ids.append(record.get("id", f"line {lineno}"))
+        if not recs:
             raise InputError(f"{where}: no records")
         check_output_path(args.output)
-    except (InputError, OSError) as exc:
-        print(f"cme-rewards score: error: {exc}", file=sys.stderr)
-        return 2
-    from cme_rewards.scorer import CMEScorer  # heavy import after the input is known to be good
+        from cme_rewards.scorer import CMEScorer  # heavy import after the input is known to be good
 
-    try:
         scorer = CMEScorer(options=options)
-    except (OptionError, OSError) as exc:
+    except (OptionError, InputError, OSError) as exc:
         print(f"cme-rewards score: error: {exc}", file=sys.stderr)
         return 2
-    recs = [record for _, record in records]
     results = scorer.score(
         [p for p, _ in samples],
         [r for _, r in samples],
-        ids=[r.get("id", f"line {lineno}") for lineno, r in records],
+        ids=ids,
         progress=not args.no_progress,
     )
     grouped = [i for i, r in enumerate(recs) if "group" in r]

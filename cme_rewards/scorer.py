@@ -1,11 +1,9 @@
 """``CMEScorer``: the verifier, its prompt format and its forward passes behind one call.
 
-How a call runs: samples are encoded (grouped by prompt when ``share_prefix``, so each group's
-prompt is rendered, cut and computed once), planned into length-sorted micro-batches of at most
-``token_budget`` padded tokens (a call whose shared plan would compute more tokens, padding
-included, than running every sample alone runs them alone), run through the verifier body
-(:mod:`cme_rewards.forward`), and
-the output head is applied only at the scored positions; each sample is then finished in one place
+A call encodes the samples (with ``share_prefix``, each group's prompt is rendered and cut once),
+plans them into length-sorted micro-batches of at most ``token_budget`` padded tokens (running
+samples alone when sharing would compute more tokens), runs them (:mod:`cme_rewards.forward`) with
+the output head applied only at scored positions, and finishes each sample
 (:func:`cme_rewards.results.finish_sample`).
 """
 
@@ -16,6 +14,7 @@ import json
 import logging
 import threading
 from collections.abc import Hashable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
-from cme_rewards.formatting import EMPTY_PROMPT, Prompt, VerifierInput, encode_group
+from cme_rewards.formatting import EMPTY_PROMPT, Prompt, VerifierInput, encode_group, encode_sample
 from cme_rewards.forward import (
     Head,
     Piece,
@@ -154,7 +153,7 @@ class CMEScorer:
 
     def encode(self, prompt: Prompt, response: str) -> VerifierInput:
         """The verifier's ids and scored positions for one sample (no forward pass)."""
-        return encode_group(self.tokenizer, prompt, [response], self.options)[0]
+        return encode_sample(self.tokenizer, prompt, response, self.options)
 
     def score(
         self,
@@ -251,31 +250,29 @@ class CMEScorer:
             if padded_sample_tokens(unshared_plan, lengths) <= shared_cost:  # padding outweighs
                 alone_plan, pieces_plan = unshared_plan, []
         head = self._head if self._fused_head else None
+        device = self.device
+        run_samples = partial(
+            forward_samples, self.model, head, self._pad_id, inputs, device=device
+        )
+        run_pieces = partial(
+            forward_shared, self._body, self._head, self._pad_id, inputs, device=device
+        )
         out: dict[int, torch.Tensor] = {}
-        bar = tqdm(total=len(scorable), desc="CME scoring", unit="sample", disable=not show)
-        for batch in alone_plan:
-            run = lambda b: forward_samples(self.model, head, self._pad_id, inputs, b, self.device)  # noqa: E731
-            out.update(run_halving(batch, run, halve_samples))
-            bar.update(len(batch))
-        for pieces in pieces_plan:
-            run = lambda p: forward_shared(  # noqa: E731
-                self._body, self._head, self._pad_id, inputs, p, self.device
-            )
-            out.update(run_halving(pieces, run, halve_pieces))
-            bar.update(sum(len(p.rows) for p in pieces))
-        bar.close()
+        with tqdm(total=len(scorable), desc="CME scoring", unit="sample", disable=not show) as bar:
+            for batch in alone_plan:
+                out.update(run_halving(batch, run_samples, halve_samples))
+                bar.update(len(batch))
+            for pieces in pieces_plan:
+                out.update(run_halving(pieces, run_pieces, halve_pieces))
+                bar.update(sum(len(p.rows) for p in pieces))
         return out
 
     # -- load-time checks ---------------------------------------------------------------------------
 
     def _checked_impl(self) -> str:
-        """The log-prob implementation to use: Triton only after it agrees with float64 here.
-
-        Where ``impl`` resolves to Triton (CUDA), the Triton head runs on a probe batch on this
-        device against a float64 reference (tolerances in ``cme_rewards.ops.default_tolerance``)
-        and is warmed up (autotuned) for the token budget; on any disagreement or failure the
-        scorer falls back to the PyTorch path with a warning naming the difference.
-        """
+        """The log-prob implementation: Triton only after its head agrees with float64 on a probe
+        batch here (``cme_rewards.ops.default_tolerance``) and is autotuned for the token budget;
+        else ``torch``, with a warning naming the difference."""
         impl = select_impl(self.options.impl, self.device)
         if impl != "triton" or not self._fused_head:
             return impl
@@ -283,11 +280,8 @@ class CMEScorer:
         weight = self._head.weight
         probe = torch.randn(64, weight.shape[1], generator=generator).to(self.device, weight.dtype)
         targets = torch.randint(0, weight.shape[0], (64,), generator=generator).to(self.device)
-        transform = {
-            "bias": self._head.bias,
-            "logit_scale": self._head.logit_scale,
-            "softcap": self._head.softcap,
-        }
+        head = self._head
+        transform = {"bias": head.bias, "logit_scale": head.logit_scale, "softcap": head.softcap}
         result = check_triton_head(probe, weight, targets, **transform)
         if result.ok and self.device.type == "cuda":  # autotune now, not on the first call
             result = warm_up_triton_head(weight, max_rows=self.token_budget, **transform)
@@ -302,12 +296,8 @@ class CMEScorer:
         return "torch"
 
     def _fused_head_matches_model(self) -> bool:
-        """Check once that body + output head + config transform reproduce the model's own logits.
-
-        A model whose head does something the config does not describe falls back (with a warning)
-        to the model's full forward, which computes logits at every position (and no prefix
-        sharing).
-        """
+        """Whether body + output head + config transform reproduce the model's own logits; if not,
+        warn and use the model's full forward (logits at every position, no prefix sharing)."""
         vocab = self._head.weight.shape[0]
         ids = torch.tensor([[self._pad_id, 1, 2, 3, 4, 5, 6, 7]], device=self.device) % vocab
         with torch.inference_mode():

@@ -1,24 +1,16 @@
 """CME as a reward function for TRL's ``GRPOTrainer(reward_funcs=...)``.
 
-TRL calls every reward function as ``f(prompts=..., completions=..., completion_ids=...,
-**dataset_columns, trainer_state=..., log_extra=..., log_metric=...)`` with one entry per
-completion, and reads the callable's ``__name__`` for its logs (``rewards/<name>/mean``, the
-completions table). The callables here are plain objects (not ``nn.Module``, which TRL would treat
-as a sequence classifier):
+TRL calls each reward function with ``prompts``, ``completions``, ``completion_ids``, the dataset
+columns, ``log_extra`` and ``log_metric``, and logs under its ``__name__``. These are plain objects
+(an ``nn.Module`` would be taken for a sequence classifier): :class:`CMEReward` (sync, returns
+nats; the floor reward for samples that cannot be scored, never ``None`` or NaN),
+:class:`AsyncCMEReward` (awaited by TRL, scored in a worker thread), :class:`LengthPenalty`
+(``-len(completion_ids) / max_tokens``) and ``cme``, a lazy ``CMEReward`` of the default verifier
+for ``trl grpo --reward_funcs cme_rewards.trl.cme``.
 
-- ``CMEReward``: synchronous; scores the batch with a ``CMEScorer`` and returns ``list[float]``
-  (nats; the scorer's floor reward for samples that cannot be scored, never ``None`` or NaN).
-- ``AsyncCMEReward``: the same, with ``async def __call__``; TRL awaits it on its event loop, and
-  the scoring runs in a worker thread so async reward functions run side by side.
-- ``LengthPenalty``: ``-len(completion_ids) / max_tokens`` in ``[-1, 0]``, to combine with CME
-  through ``GRPOConfig(reward_weights=[...])``.
-- ``cme``: a ready ``CMEReward`` for the default verifier, built on first call, so that TRL's
-  own script can name it: ``trl grpo --reward_funcs cme_rewards.trl.cme ...``.
-
-Prompts reach the verifier as TRL hands them over: raw strings (standard datasets) or lists of chat
-messages (conversational datasets); the scorer rebuilds them with the verifier's own chat template.
-A conversational completion is a list of messages: its last assistant message is scored, and any
-messages before it (tool calls and results) are appended to the prompt as context.
+Prompts are strings or chat messages, rebuilt with the verifier's chat template. Of a
+conversational completion, the last assistant message is scored; messages before it (tool calls
+and results) join the prompt as context.
 """
 
 from __future__ import annotations
@@ -63,19 +55,14 @@ def to_verifier_pair(prompt: Prompt, completion: Completion) -> tuple[Prompt, st
     empty response, which the scorer floors.
     """
     if isinstance(completion, str):
-        if not isinstance(prompt, str):
-            prompt = _text_messages(prompt)
-        return prompt, completion
+        return (prompt if isinstance(prompt, str) else _text_messages(prompt)), completion
     messages = _text_messages(completion)
-    last_assistant = max(
-        (i for i, message in enumerate(messages) if message.get("role") == "assistant"),
-        default=None,
-    )
-    context = list(prompt) if not isinstance(prompt, str) else [{"role": "user", "content": prompt}]
-    if last_assistant is None:
-        return _text_messages(context), ""
-    context = _text_messages(context) + messages[:last_assistant]
-    return context, messages[last_assistant]["content"]
+    assistant = [i for i, message in enumerate(messages) if message.get("role") == "assistant"]
+    user = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    context = _text_messages(user)
+    if not assistant:
+        return context, ""
+    return context + messages[: assistant[-1]], messages[assistant[-1]]["content"]
 
 
 def _resolve_device(device: str) -> str:
@@ -98,18 +85,14 @@ class _CMERewardBase:
         **scorer_options: Any,
     ) -> None:
         """Args:
-        verifier: verifier name (built-in name, ``.gguf`` or folder path, hub id,
-            ``random:<...>``); default SmolLM2-135M-Instruct; ignored when ``scorer`` is given.
-        scorer: an existing ``CMEScorer`` to share (for example between a sync and an async
-            reward, or with evaluation code); no other scorer is built.
-        name: the name TRL shows in its logs (``rewards/<name>/mean``, the completions table)
-            and the prefix of the columns and metrics logged here.
-        lazy: build the scorer (load the verifier) on the first call instead of now. Default
-            ``False``: a bad verifier or option fails at start-up. Options are checked now either way.
-        **scorer_options: fields of :class:`cme_rewards.options.ScorerOptions` (``device``,
-            ``dtype``, ``max_length``, ``reduction``, ``floor``, ...); a bad one raises
-            :class:`cme_rewards.options.OptionError` naming it. ``device="auto"`` (the default)
-            picks ``cuda:$LOCAL_RANK`` under a multi-process launch.
+        verifier: verifier name (see :class:`ScorerOptions`); ignored when ``scorer`` is given.
+        scorer: an existing ``CMEScorer`` to share (between a sync and an async reward, or with
+            evaluation code); no other scorer is built.
+        name: the name TRL logs under (``rewards/<name>/mean``), and the prefix of the columns
+            and metrics logged here.
+        lazy: load the verifier on the first call instead of now (options are checked now).
+        **scorer_options: :class:`ScorerOptions` fields; a bad one raises :class:`OptionError`
+            naming it. ``device="auto"`` picks ``cuda:$LOCAL_RANK`` under a multi-process launch.
         """
         if scorer is not None and (scorer_options or verifier):
             raise TypeError("pass either scorer= or a verifier and its options, not both")
@@ -125,15 +108,12 @@ class _CMERewardBase:
         self._build_lock = threading.Lock()
         self.last_results: list[CMEResult] = []
         """Results of the latest call, in completion order (for inspection and tests)."""
-        if not lazy:
-            self._get_scorer()
+        if not lazy and scorer is None:
+            self._scorer = CMEScorer(options=self.options)
 
     @property
     def scorer(self) -> CMEScorer:
         """The ``CMEScorer`` in use (built now if construction was lazy)."""
-        return self._get_scorer()
-
-    def _get_scorer(self) -> CMEScorer:
         with self._build_lock:
             if self._scorer is None:
                 self._scorer = CMEScorer(options=self.options)
@@ -148,7 +128,7 @@ class _CMERewardBase:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         pairs = [to_verifier_pair(p, c) for p, c in zip(prompts, completions, strict=True)]
-        return self._get_scorer().score(
+        return self.scorer.score(
             [p for p, _ in pairs],
             [r for _, r in pairs],
             ids=None if ids is None else [str(i) for i in ids],

@@ -152,6 +152,13 @@ def test_openrlhf_client_against_reward_func_file(smollm_scorer, expected, monke
     )
     assert out[0]["rewards"].tolist() == [-50.0]
     assert out[0]["extra_logs"]["cme/floored_frac"].tolist() == [1.0]
+    # A prompt the policy tokenizer refuses (a lone surrogate): the floor with its error, no raise.
+    bad = templated(tok, "Hi \udc80")
+    out = asyncio.run(executor._fetch_rewards_via_func([bad + "Hello"], [bad], [None]))
+    assert out[0]["rewards"].tolist() == [-50.0]
+    assert [r.error for r in rt.score([bad + "Hello"], [bad], [None])] == [
+        "undecodable text in prompt"
+    ]
     rt.close()
 
 

@@ -23,7 +23,6 @@ import numpy as np
 
 from cme_rewards.formatting import Prompt
 from cme_rewards.options import ScorerOptions
-from cme_rewards.results import CMEResult
 
 FORMAT = 1
 CHUNK = 32
@@ -42,6 +41,12 @@ class Scored:
     @property
     def n_tokens(self) -> int:
         return 0 if self.token_logprobs is None else len(self.token_logprobs)
+
+    @classmethod
+    def of(cls, token_logprobs: Any, truncated: bool, error: str | None) -> Scored:
+        """From a list or array of log-probs (or ``None``), kept as float64."""
+        lp = None if token_logprobs is None else np.asarray(token_logprobs, dtype=np.float64)
+        return cls(lp, bool(truncated), error)
 
 
 def fingerprint(options: ScorerOptions) -> dict[str, Any]:
@@ -90,12 +95,7 @@ class TokenCache:
             for raw in fh:
                 try:
                     rec = json.loads(raw)
-                    lp = rec["lp"]
-                    self.entries[rec["key"]] = Scored(
-                        None if lp is None else np.asarray(lp, dtype=np.float64),
-                        bool(rec["truncated"]),
-                        rec["error"],
-                    )
+                    self.entries[rec["key"]] = Scored.of(rec["lp"], rec["truncated"], rec["error"])
                 except (ValueError, KeyError, TypeError):
                     continue  # a torn line from an interrupted run: scored again
 
@@ -121,13 +121,6 @@ class TokenCache:
         ]
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write("".join(lines))
-
-
-def _scored(result: CMEResult) -> Scored:
-    lp = result.token_logprobs
-    return Scored(
-        None if lp is None else np.asarray(lp, dtype=np.float64), result.truncated, result.error
-    )
 
 
 @dataclass
@@ -184,7 +177,12 @@ def score_texts(
                         return_token_logprobs=True,
                         progress=False,
                     )
-                    cache.put({k: _scored(r) for k, r in zip(chunk, results, strict=True)})
+                    cache.put(
+                        {
+                            k: Scored.of(r.token_logprobs, r.truncated, r.error)
+                            for k, r in zip(chunk, results, strict=True)
+                        }
+                    )
                     bar.update(len(chunk))
         finally:
             logger.setLevel(level)

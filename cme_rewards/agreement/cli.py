@@ -109,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     report.settings.update(sample=args.sample, sample_seed=args.seed)
     if args.json:
-        json.dump(to_document(report), sys.stdout, indent=1, allow_nan=False)
-        sys.stdout.write("\n")
+        print(json.dumps(to_document(report), indent=1, allow_nan=False))
     else:
         print(format_table(report))
     if args.plot:

@@ -1,25 +1,20 @@
 """Score every answer once per verifier, turn the token log-probs into each reward variant and
 each control, and measure their agreement with the judge on the same pairs.
 
-Rewards (nats unless said otherwise), each the ``reduction`` of the same name of
-:class:`~cme_rewards.CMEScorer` computed from one cached pass (plus the empty-prompt pass for the
-PMI variants) with :func:`~cme_rewards.reductions.reduce_token_logprobs`:
-``mean`` (CME), ``sum``, ``min_k`` (mean of the lowest ``min_k_percent`` % token log-probs),
-``pmi`` (mean given the prompt minus mean after an empty prompt), ``pmi_sum`` (the same difference
-summed over the answer's tokens). ``ensemble`` (nats per byte) averages, over the verifiers that are
-not ``random:``, each verifier's total log-likelihood of the answer divided by its UTF-8 bytes: a
-unit every tokenizer shares, so the average is the log of the geometric mean of the verifiers'
-probabilities of the text, per byte.
-
-Controls use the first verifier's tokens: ``longer`` (the longer answer wins), ``shorter``, and
-``constant`` (the second answer always wins). A pair where either answer got the floor under any
-verifier is left out of every row of its file and counted in ``n_excluded``.
+The variants (``docs/agreement.md`` defines them) are the reductions of the same name of
+:func:`~cme_rewards.reductions.reduce_token_logprobs` over one cached pass (plus the empty-prompt
+pass for ``pmi*``), in nats; ``ensemble`` (nats per UTF-8 byte) averages each non-``random:``
+verifier's total log-likelihood of the answer per byte. Controls use the first verifier's tokens:
+``longer`` (the longer answer wins), ``shorter``, ``constant`` (the second answer always wins). A
+pair where either answer got the floor under any verifier is left out of every row of its file and
+counted in ``n_excluded``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -165,26 +160,13 @@ def measure(
     per_byte: dict[str, dict[tuple[str, str], float | None]] = {}
     for vi, verifier in enumerate(verifiers):
         opts = options.replace(verifier=verifier)
-        cond = score_texts(
-            opts,
-            answers,
-            cache_dir=cache_dir,
-            progress=progress,
-            counts=report.scoring,
-            label="(given the prompt)",
+        score = partial(
+            score_texts, opts, cache_dir=cache_dir, progress=progress, counts=report.scoring
         )
+        cond = score(answers, label="(given the prompt)")
         uncond: list[Scored | None] = [None] * len(answers)
         if any(v in UNCONDITIONAL for v in own):
-            uncond = list(
-                score_texts(
-                    opts,
-                    [(EMPTY_PROMPT, a) for _, a in answers],
-                    cache_dir=cache_dir,
-                    progress=progress,
-                    counts=report.scoring,
-                    label="(empty prompt)",
-                )
-            )
+            uncond = list(score([(EMPTY_PROMPT, a) for _, a in answers], label="(empty prompt)"))
         for variant in own:
             rewards[(verifier, variant)] = {
                 key: _reward(c, u, variant, opts)
@@ -224,11 +206,11 @@ def _measure_file(
     def sides(p: Pair) -> tuple[tuple[str, str], tuple[str, str]]:
         return (p.instruction, p.first), (p.instruction, p.second)
 
-    kept: list[Pair] = []
-    for p in decided:
-        a, b = sides(p)
-        if all(r[a] is not None and r[b] is not None for r in rewards.values()):
-            kept.append(p)
+    kept = [
+        p
+        for p in decided
+        if all(r[side] is not None for r in rewards.values() for side in sides(p))
+    ]
     n_excluded = len(decided) - len(kept)
     pref = np.array([p.preference for p in kept])
     comparisons = sorted({f"{p.model} vs {p.baseline}" for p in f.pairs})
@@ -247,25 +229,27 @@ def _measure_file(
     )
     if not kept:
         return
-    clusters = np.array([p.prompt_id for p in kept], dtype=object)
-    comparison = np.array([f"{p.model}\0{p.baseline}" for p in kept], dtype=object)
+    clusters = np.array([p.prompt_id for p in kept])
+    comparison = np.array([f"{p.model}\0{p.baseline}" for p in kept])
     len_first = np.array([n_tokens[sides(p)[0]] for p in kept], dtype=float)
     len_second = np.array([n_tokens[sides(p)[1]] for p in kept], dtype=float)
     ratio = len_second / np.maximum(len_first, 1.0)
-    series: list[tuple[str, str, np.ndarray]] = []
-    for (verifier, variant), values in rewards.items():
-        diff = np.array([values[sides(p)[1]] - values[sides(p)[0]] for p in kept])
-        series.append((verifier, variant, diff))
-    series.append((CONTROL, "longer", len_second - len_first))
-    series.append((CONTROL, "shorter", len_first - len_second))
-    series.append((CONTROL, "constant", np.ones(len(kept))))
+    series = [
+        (verifier, variant, np.array([values[sides(p)[1]] - values[sides(p)[0]] for p in kept]))
+        for (verifier, variant), values in rewards.items()
+    ]
+    series += [
+        (CONTROL, "longer", len_second - len_first),
+        (CONTROL, "shorter", len_first - len_second),
+        (CONTROL, "constant", np.ones(len(kept))),
+    ]
     for verifier, variant, diff in series:
         result = agreement_stats(
             diff,
             pref,
-            clusters.astype(str),
+            clusters,
             length_ratio=ratio,
-            comparison=comparison.astype(str),
+            comparison=comparison,
             settings=settings,
             rng_names=(f.path, verifier, variant),
         )

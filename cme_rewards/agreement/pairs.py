@@ -3,8 +3,6 @@
 Inputs are AlpacaEval ``annotations.json`` files as they are (``output_1`` = first answer, the
 baseline; ``output_2`` = second answer, the model) and the judgment JSONL that ``cme-rewards judge``
 writes (``output_baseline`` = first, ``output_model`` = second; both answers are required here).
-Each record's verdict is parsed by :mod:`cme_rewards.winrate.load`, so both surfaces read a file
-the same way; this module adds the texts the verifier scores.
 
 A pair is one (prompt, model, baseline) of one file. Its preference is AlpacaEval's scale in
 [1, 2] (2 = the second answer wins, 1.5 = tie), averaged over the pair's judgments (a judge JSONL
@@ -15,12 +13,11 @@ in :attr:`PairFile.n_no_verdict`.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
-from cme_rewards.io import InputError, read_jsonl
+from cme_rewards.io import InputError
 from cme_rewards.winrate import load as winrate_load
 
 TIE = 1.5
@@ -71,20 +68,10 @@ class PairFile:
         return name
 
 
-def _string(record: dict, name: str) -> str:
-    value = record.get(name)
-    if not isinstance(value, str):
-        problem = "missing" if value is None else f"expected a string, got {type(value).__name__}"
-        raise winrate_load._BadField(name, problem)
-    return value
-
-
-def _texts(record: Any, annotation: bool) -> tuple[str, str, str]:
+def _texts(record: dict, annotation: bool) -> tuple[str, str, str]:
     """``(instruction, first answer, second answer)`` of one record."""
-    if not isinstance(record, dict):  # the verdict parser has already named this case
-        raise winrate_load._BadField("<record>", "expected a JSON object")
     names = ("output_1", "output_2") if annotation else ("output_baseline", "output_model")
-    return _string(record, "instruction"), _string(record, names[0]), _string(record, names[1])
+    return tuple(winrate_load.text_field(record, name) for name in ("instruction", *names))
 
 
 def load_pairs(path: str | Path) -> PairFile:
@@ -94,14 +81,10 @@ def load_pairs(path: str | Path) -> PairFile:
     record, and for two records of one (prompt, model, baseline) whose answers differ.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    annotation = winrate_load._is_json_array(path)
+    annotation, items = winrate_load.read_records(path)
     if annotation:
-        items: Iterable[tuple[int, Any]] = winrate_load._iter_json_array(path)
         convert = winrate_load.judgment_from_annotation
     else:
-        items = read_jsonl(path, allow_nan=True)  # a NaN preference is counted, not an error
         convert = winrate_load.judgment_from_record
     out = PairFile(path=str(path))
     merged: dict[tuple[str, str, str], tuple[Pair, float]] = {}
@@ -110,7 +93,7 @@ def load_pairs(path: str | Path) -> PairFile:
         try:
             verdict = convert(record)
             instruction, first, second = _texts(record, annotation)
-        except winrate_load._BadField as exc:
+        except winrate_load.BadField as exc:
             raise InputError(f"{path}:{line}: {exc}") from None
         if not isinstance(verdict, winrate_load.Judgment):
             out.n_no_verdict += 1
@@ -162,12 +145,5 @@ def sample_prompts(files: Sequence[PairFile], n: int | None, seed: int) -> list[
             key=lambda pid: hashlib.sha256(f"{seed}:{pid}".encode()).hexdigest(),
         )
         keep = set(ids[:n])
-        out.append(
-            PairFile(
-                path=f.path,
-                pairs=[p for p in f.pairs if p.prompt_id in keep],
-                n_records=f.n_records,
-                n_no_verdict=f.n_no_verdict,
-            )
-        )
+        out.append(replace(f, pairs=[p for p in f.pairs if p.prompt_id in keep]))
     return out

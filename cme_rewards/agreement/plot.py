@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cme_rewards.agreement.measure import CONTROL, AgreementReport, is_random
 from cme_rewards.plotting import pyplot
+from cme_rewards.winrate.plot import save_figure
 
 
 def _style(verifier: str) -> tuple[str, str, str]:
@@ -28,10 +29,7 @@ def agreement_plot(report: AgreementReport, path: str | Path) -> None:
     plt = pyplot()
 
     files = report.files
-    keys: list[tuple[str, str]] = []
-    for row in report.rows:
-        if (row.verifier, row.variant) not in keys:
-            keys.append((row.verifier, row.variant))
+    keys = list(dict.fromkeys((row.verifier, row.variant) for row in report.rows))
     fig, axes = plt.subplots(
         2,
         len(files),
@@ -73,10 +71,7 @@ def agreement_plot(report: AgreementReport, path: str | Path) -> None:
             ax.set_title(f"{f.file} ({f.n_pairs} pairs)", fontsize=9)
             ax.set_xlabel(f"{title} (%), {100 * level:g}% CI", fontsize=8)
             ax.grid(axis="x", alpha=0.3)
-    names = [
-        f"{'control' if v == CONTROL else v.replace('smollm2-135m-instruct', 'smollm2')}: {var}"
-        for v, var in keys
-    ]
+    names = [f"{v.replace('smollm2-135m-instruct', 'smollm2')}: {var}" for v, var in keys]
     for ax_row in axes:
         ax_row[0].set_yticks(range(len(keys)))
         ax_row[0].set_yticklabels(names[::-1], fontsize=7)
@@ -87,9 +82,5 @@ def agreement_plot(report: AgreementReport, path: str | Path) -> None:
         fontsize=9,
     )
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_figure(plt, fig, path, dpi=110)

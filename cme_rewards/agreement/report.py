@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from cme_rewards.agreement.measure import CONTROL, AgreementReport, Row
+from cme_rewards.agreement.measure import AgreementReport, Row
 from cme_rewards.agreement.stats import SIMILAR_LENGTH
 from cme_rewards.winrate.results import ConfidenceInterval
 
@@ -15,10 +15,8 @@ def _num(x: float | None, digits: int = 4) -> float | None:
 
 
 def _ci(prefix: str, ci: ConfidenceInterval | None, digits: int = 4) -> dict[str, float | None]:
-    return {
-        f"{prefix}_low": None if ci is None else _num(ci.low, digits),
-        f"{prefix}_high": None if ci is None else _num(ci.high, digits),
-    }
+    low, high = (None, None) if ci is None else (_num(ci.low, digits), _num(ci.high, digits))
+    return {f"{prefix}_low": low, f"{prefix}_high": high}
 
 
 def row_record(row: Row) -> dict[str, Any]:
@@ -31,8 +29,7 @@ def row_record(row: Row) -> dict[str, Any]:
         "n_pairs": r.n_pairs,
         "n_excluded": row.n_excluded,
         "agreement": _num(r.agreement, 2),
-        "ci_low": None if r.agreement_ci is None else _num(r.agreement_ci.low, 2),
-        "ci_high": None if r.agreement_ci is None else _num(r.agreement_ci.high, 2),
+        **_ci("ci", r.agreement_ci, 2),
         "spearman": _num(r.spearman),
         "kendall": _num(r.kendall),
         **_ci("spearman_ci", r.spearman_ci),
@@ -110,9 +107,8 @@ def format_table(report: AgreementReport) -> str:
                 if r.similar_length is None
                 else f"{r.similar_length:.1f} (n={r.n_similar_length})"
             )
-            name = row.verifier if row.verifier != CONTROL else "control"
             lines.append(
-                f"{name[:30]:<30} {row.variant:<9} "
+                f"{row.verifier[:30]:<30} {row.variant:<9} "
                 f"{_interval(r.agreement, r.agreement_ci, '.1f'):>20} "
                 f"{r.prefers_second:>5.1f} {r.agreement_centered:>7.1f} {similar:>16} "
                 f"{_interval(r.spearman, r.spearman_ci, '.2f'):>22} "

@@ -1,11 +1,7 @@
-"""How often a reward difference has the judge's sign, with prompt-cluster bootstrap intervals.
-
-For each pair ``i``: ``diff[i]`` is the reward of the second answer minus the first (any unit),
-``preference[i]`` the judge's AlpacaEval preference in [1, 2] (never the tie 1.5 here). The pair
-scores 1 when ``diff`` and ``preference - 1.5`` have the same sign, 1/2 when ``diff == 0``, else 0;
-agreement is the mean score in percent. Prompts are the unit of resampling: every pair of one
-prompt moves together (``scipy.stats.bootstrap`` over prompt indices, BCa, with the percentile
-interval where BCa is undefined), as in :mod:`cme_rewards.winrate.stats`.
+"""How often a reward difference (second answer minus first, any unit) has the sign of the judge's
+preference (AlpacaEval scale, [1, 2], ties left out): :func:`pair_scores`, averaged in percent, with
+BCa intervals of a bootstrap over prompts (every pair of one prompt moves together), as in
+:mod:`cme_rewards.winrate.stats`.
 """
 
 from __future__ import annotations
@@ -16,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cme_rewards.winrate.results import ConfidenceInterval
-from cme_rewards.winrate.stats import Settings, bootstrap_intervals, ratio_statistic, seeded_rng
+from cme_rewards.winrate.stats import Settings, bootstrap_estimates, ratio_statistic, seeded_rng
 
 SIMILAR_LENGTH = (0.8, 1.25)
 """Length ratios (second / first, verifier tokens) counted as "similar length" (within 25%)."""
@@ -132,29 +128,27 @@ def agreement_stats(
     similar = (ratio >= SIMILAR_LENGTH[0]) & (ratio < SIMILAR_LENGTH[1])
     n_similar = int(similar.sum())
 
-    def per_cluster(values: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
-        s = np.bincount(cluster, weights=values * mask, minlength=m)
-        c = np.bincount(cluster, weights=mask.astype(float), minlength=m)
-        return [s, s, c]
+    def per_cluster(values: np.ndarray) -> np.ndarray:
+        return np.bincount(cluster, weights=values, minlength=m)
 
-    everyone = np.ones(n, dtype=bool)
-    columns = per_cluster(scores, everyone) + per_cluster(centered, everyone)
+    sums = [per_cluster(scores), per_cluster(centered)]
+    counts = [per_cluster(np.ones(n))] * 2
     if n_similar >= 5:
-        columns += per_cluster(scores, similar)
-    rates = [100.0 * scores.mean(), 100.0 * centered.mean()]
+        sums.append(per_cluster(scores * similar))
+        counts.append(per_cluster(similar.astype(float)))
+    similar_rate = 100.0 * float(scores[similar].mean()) if n_similar else None
+    rates = [100.0 * scores.mean(), 100.0 * centered.mean(), similar_rate]
     cis: list[ConfidenceInterval | None] = [None, None, None]
     if settings.bootstrap and m >= 2:
-        table = np.stack(columns, axis=1)
-        g = table.shape[1] // 3
-        lo, hi, *_ = bootstrap_intervals(
-            ratio_statistic(table),
+        estimates = bootstrap_estimates(
+            ratio_statistic(np.stack(sums, axis=1), np.stack(counts, axis=1)),
+            rates[: len(sums)],
             m,
             settings,
             settings.n_resamples,
             seeded_rng(settings, *rng_names, "agreement"),
         )
-        for k in range(g):
-            cis[k] = ConfidenceInterval(float(lo[k]), float(hi[k]))
+        cis[: len(estimates)] = [e.confidence_interval for e in estimates]
 
     spearman = kendall = None
     spearman_ci = kendall_ci = None
@@ -172,15 +166,11 @@ def agreement_stats(
                     out[:, r] = _correlations(diff[rows], preference[rows] - 1.5)
                 return out.reshape(2, *idx.shape[:-1])
 
-            lo, hi, *_ = bootstrap_intervals(
-                statistic,
-                m,
-                settings,
-                settings.n_resamples,
-                seeded_rng(settings, *rng_names, "correlation"),
+            rng = seeded_rng(settings, *rng_names, "correlation")
+            estimates = bootstrap_estimates(
+                statistic, [spearman, kendall], m, settings, settings.n_resamples, rng
             )
-            spearman_ci = ConfidenceInterval(float(lo[0]), float(hi[0]))
-            kendall_ci = ConfidenceInterval(float(lo[1]), float(hi[1]))
+            spearman_ci, kendall_ci = (e.confidence_interval for e in estimates)
 
     bins = []
     for label, low, high in LENGTH_BINS:
@@ -197,7 +187,7 @@ def agreement_stats(
         kendall_ci=kendall_ci,
         agreement_centered=rates[1],
         agreement_centered_ci=cis[1],
-        similar_length=100.0 * float(scores[similar].mean()) if n_similar else None,
+        similar_length=similar_rate,
         similar_length_ci=cis[2] if n_similar >= 5 else None,
         n_similar_length=n_similar,
         mean_difference=float(diff.mean()),

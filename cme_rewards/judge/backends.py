@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from cme_rewards.judge.pairs import Task
@@ -35,9 +37,7 @@ def label_to_winner(label: str, order: str) -> str:
     """Map the judge's A/B/TIE label to model/baseline/tie for a presentation order."""
     if label == "TIE":
         return "tie"
-    first = "model" if order == "model_first" else "baseline"
-    second = "baseline" if first == "model" else "model"
-    return first if label == "A" else second
+    return "model" if (label == "A") == (order == "model_first") else "baseline"
 
 
 class OpenAIJudge:
@@ -62,21 +62,17 @@ class OpenAIJudge:
         max_tokens: int = 16,
         temperature: float = 0.0,
     ):
-        import os
-
         from openai import AsyncOpenAI
 
-        self.model = model
-        self.name = model
+        self.model = self.name = model
         self.concurrency = max(1, concurrency)
         self.verdict_retries = verdict_retries
         self.max_tokens = max_tokens
         self.temperature = temperature
-        base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL")
         api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
-        self.base_url = base_url
         self.client = AsyncOpenAI(
-            base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries
+            base_url=self.base_url, api_key=api_key, timeout=timeout, max_retries=max_retries
         )
 
     async def check(self) -> None:
@@ -177,14 +173,11 @@ class LocalJudge:
         self._label_ids = self._verdict_token_ids()
 
     def _verdict_token_ids(self) -> dict[str, list[int]]:
-        ids: dict[str, list[int]] = {}
-        for label in LABELS:
-            cands = set()
-            for text in (label, " " + label):
-                toks = self.tokenizer.encode(text, add_special_tokens=False)
-                if toks:
-                    cands.add(toks[0])
-            ids[label] = sorted(cands)
+        encode = partial(self.tokenizer.encode, add_special_tokens=False)
+        ids = {
+            label: sorted({toks[0] for toks in (encode(label), encode(" " + label)) if toks})
+            for label in LABELS
+        }
         seen: dict[int, str] = {}
         for label, toks in ids.items():
             for t in toks:

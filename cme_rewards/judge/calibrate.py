@@ -19,22 +19,18 @@ from typing import Any
 import numpy as np
 
 from cme_rewards.winrate.load import Judgment, judgment_from_record
-from cme_rewards.winrate.results import ConfidenceInterval, Estimate, PositionResult, _num
+from cme_rewards.winrate.results import ConfidenceInterval, Estimate, PositionResult, ToDict
 from cme_rewards.winrate.stats import (
     Settings,
-    bootstrap_intervals,
+    bootstrap_estimates,
     position_bias,
     ratio_statistic,
     seeded_rng,
 )
 
 
-def _label(q: float) -> int:
-    return 1 if q > 0.5 else -1 if q < 0.5 else 0
-
-
 @dataclass
-class CalibrationResult:
+class CalibrationResult(ToDict):
     """Agreement of ``judge`` with the reference (percent; intervals resample prompts)."""
 
     judge: str
@@ -52,25 +48,6 @@ class CalibrationResult:
     judge_win_rate: float  # tie-adjusted, by this judge, on these pairs
     reference_win_rate: float  # tie-adjusted, by the reference, on the same pairs
     position: PositionResult | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "judge": self.judge,
-            "n_prompts": self.n_prompts,
-            "n_pairs": self.n_pairs,
-            "n_judgments": self.n_judgments,
-            "n_errors": self.n_errors,
-            "agreement": self.agreement.to_dict(),
-            "pair_agreement": self.pair_agreement.to_dict(),
-            "soft_agreement": self.soft_agreement.to_dict(),
-            "majority_agreement": _num(self.majority_agreement),
-            "cohen_kappa": _num(self.cohen_kappa),
-            "spearman": _num(self.spearman),
-            "spearman_pvalue": _num(self.spearman_pvalue),
-            "judge_win_rate": _num(self.judge_win_rate),
-            "reference_win_rate": _num(self.reference_win_rate),
-            "position": None if self.position is None else self.position.to_dict(),
-        }
 
 
 def _kappa(judge: np.ndarray, ref: np.ndarray) -> float:
@@ -135,48 +112,34 @@ def _calibrate_one(
     d = np.array([j.d for j, _ in rows])
     q = np.array([j.q for j, _ in rows])
     qref = np.array([r for _, r in rows])
-    lab_j = np.array([_label(x) for x in d])
-    lab_r = np.array([_label(x) for x in qref])
-    agree = (lab_j == lab_r).astype(float)
-    soft = 1.0 - np.abs(q - qref)
+    lab_j, lab_r = np.sign(d - 0.5), np.sign(qref - 0.5)  # 1 model, -1 baseline, 0 tie
     per_pair = np.bincount(pair, minlength=n_pairs).astype(float)
     # per pair: the judge's net verdict (mean discrete score) against the reference's label
     net = np.bincount(pair, weights=d, minlength=n_pairs) / per_pair
     ref_p = np.zeros(n_pairs)
     ref_p[pair] = qref
-    p_agree = (np.array([_label(x) for x in net]) == np.array([_label(x) for x in ref_p])).astype(
-        float
-    )
-    table = np.stack(
+    p_agree = (np.sign(net - 0.5) == np.sign(ref_p - 0.5)).astype(float)
+    per_judgment = np.bincount(cluster, minlength=n).astype(float)
+    per_cluster_pairs = np.bincount(pair_cluster, minlength=n).astype(float)
+    sums = np.stack(
         [
-            np.bincount(cluster, weights=agree, minlength=n),
-            np.bincount(cluster, weights=soft, minlength=n),
-            np.bincount(cluster, minlength=n).astype(float),
+            np.bincount(cluster, weights=(lab_j == lab_r).astype(float), minlength=n),
             np.bincount(pair_cluster, weights=p_agree, minlength=n),
-            np.bincount(pair_cluster, weights=p_agree, minlength=n),
-            np.bincount(pair_cluster, minlength=n).astype(float),
+            np.bincount(cluster, weights=1.0 - np.abs(q - qref), minlength=n),
         ],
         axis=1,
     )
-    stat = ratio_statistic(table)
+    counts = np.stack([per_judgment, per_cluster_pairs, per_judgment], axis=1)
+    stat = ratio_statistic(sums, counts)
     point = stat(np.arange(n))
-    boot = None
     if n >= 2:
-        boot = bootstrap_intervals(
-            stat, n, settings, settings.n_resamples, seeded_rng(settings, judge, "calibration")
+        rng = seeded_rng(settings, judge, "calibration")
+        agreement, pair_agreement, soft_agreement = bootstrap_estimates(
+            stat, point, n, settings, settings.n_resamples, rng, "over instructions"
         )
-
-    def est(i: int) -> Estimate:
-        # outputs of ratio_statistic: [agree, pair_agree] (sum_q columns), then [soft, pair_agree]
-        if boot is None:
-            return Estimate(float(point[i]), None, None, "none (fewer than 2 instructions)")
-        lo, hi, plo, phi, se, methods = boot
-        return Estimate(
-            statistic=float(point[i]),
-            confidence_interval=ConfidenceInterval(float(lo[i]), float(hi[i])),
-            standard_error=float(se[i]),
-            method=f"{methods[i]} bootstrap over instructions ({settings.n_resamples} resamples)",
-            percentile_interval=ConfidenceInterval(float(plo[i]), float(phi[i])),
+    else:
+        agreement, pair_agreement, soft_agreement = (
+            Estimate(float(x), None, None, "none (fewer than 2 instructions)") for x in point
         )
 
     shares = [float(np.mean(lab_r == k)) for k in (-1, 0, 1)]
@@ -191,16 +154,15 @@ def _calibrate_one(
         n_pairs=n_pairs,
         n_judgments=len(rows),
         n_errors=n_errors,
-        agreement=est(0),
-        pair_agreement=est(1),
-        soft_agreement=est(2),
+        agreement=agreement,
+        pair_agreement=pair_agreement,
+        soft_agreement=soft_agreement,
         majority_agreement=100.0 * max(shares),
         cohen_kappa=_kappa(lab_j, lab_r),
         spearman=rho_stat if rho_stat is not None and np.isfinite(rho_stat) else None,
         spearman_pvalue=None if rho is None or not np.isfinite(rho.pvalue) else float(rho.pvalue),
         judge_win_rate=100.0 * float(d.mean()),
-        reference_win_rate=100.0
-        * float(np.mean(np.where(qref > 0.5, 1.0, np.where(qref < 0.5, 0.0, 0.5)))),
+        reference_win_rate=100.0 * float(np.mean((lab_r + 1.0) / 2.0)),
         position=position_bias([j for j, _ in rows]),
     )
 

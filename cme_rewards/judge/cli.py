@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from cme_rewards.io import InputError
     from cme_rewards.judge.backends import JudgeUnavailableError
     from cme_rewards.judge.pairs import make_tasks, pairs_from_annotations, pairs_from_outputs
-    from cme_rewards.judge.runner import existing_records, run_judge
+    from cme_rewards.judge.runner import existing_records, record_key, run_judge
 
     try:
         if args.calibrate:
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(confidence_level=args.confidence_level, n_resamples=args.n_resamples,
                             seed=args.seed)  # fmt: skip
         wanted = {t.key(judge) for t in tasks}
-        records = [r for r in existing_records(Path(args.out)) if _key(r) in wanted]
+        records = [r for r in existing_records(Path(args.out)) if record_key(r) in wanted]
         results = calibrate(records, settings=settings)
         print(format_calibration(results, settings.confidence_level))
         if args.report:
@@ -134,13 +134,3 @@ def main(argv: list[str] | None = None) -> int:
             }
             Path(args.report).write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     return 0
-
-
-def _key(rec: dict) -> tuple:
-    return (
-        rec.get("id"),
-        rec.get("model"),
-        rec.get("baseline"),
-        rec.get("judge"),
-        rec.get("order"),
-    )

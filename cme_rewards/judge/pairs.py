@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cme_rewards.io import InputError, read_jsonl
-
-ORDERS = ("model_first", "baseline_first")
+from cme_rewards.winrate.load import ORDERS, parse_preference
 
 
 @dataclass(frozen=True)
@@ -99,8 +98,6 @@ def pairs_from_outputs(
 def pairs_from_annotations(paths: Iterable[str | Path], limit: int | None = None) -> list[Pair]:
     """Pairs carrying a reference preference, from AlpacaEval annotations files (``output_1`` =
     baseline, ``output_2`` = model); rows with a NaN reference are left out. ``limit`` per file."""
-
-    from cme_rewards.winrate.load import parse_preference
 
     pairs: list[Pair] = []
     for path in map(Path, paths):

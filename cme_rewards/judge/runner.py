@@ -29,14 +29,9 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, allow_nan=False)
 
 
-def _key(rec: dict[str, Any]) -> tuple:
-    return (
-        rec.get("id"),
-        rec.get("model"),
-        rec.get("baseline"),
-        rec.get("judge"),
-        rec.get("order"),
-    )
+def record_key(rec: dict[str, Any]) -> tuple:
+    """``(id, model, baseline, judge, order)`` of a judgment record, as :meth:`Task.key` gives it."""
+    return tuple(rec.get(name) for name in ("id", "model", "baseline", "judge", "order"))
 
 
 def _repair_tail(path: Path) -> None:
@@ -143,7 +138,7 @@ def run_judge(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        done = {_key(r) for r in existing_records(out_path, retry_errors)}
+        done = {record_key(r) for r in existing_records(out_path, retry_errors)}
     except InputError as exc:
         raise InputError(f"cannot resume from {out_path}: {exc}") from None
     todo = [t for t in tasks if t.key(judge) not in done]

@@ -24,11 +24,8 @@ PROBE = (
 
 
 def check() -> str:
-    """Check every ``CME_REWARDS_*`` variable, load the verifier and score :data:`PROBE`.
-
-    Returns a one-line summary; raises ``ValueError`` (an ``OptionError`` naming the variable) or
-    ``RuntimeError`` when the probe gets no finite reward.
-    """
+    """Check every ``CME_REWARDS_*`` variable, load the verifier, score :data:`PROBE` and return a
+    summary line. Raises ``ValueError`` (naming the variable) or ``RuntimeError`` (floored probe)."""
     import dataclasses
 
     from cme_rewards.openrlhf.grouping import GroupOptions

@@ -10,14 +10,12 @@ Write a reward file and pass its path to ``--reward.remote_url``::
 
     reward_func = compose((cme_reward, 1.0), (brevity, 0.1))
 
-A part is ``(function, weight)``; each function takes OpenRLHF's ``(queries, prompts, labels)`` and
-returns one number per sample (a list, a tensor, or OpenRLHF's own ``{"rewards": ...,
-"extra_logs": {...}}``). The composed ``reward_func`` returns ``sum(weight * part)`` as OpenRLHF's
-``rewards`` and ``scores``, and logs each part's unweighted value as ``reward/<name>`` (the
-function's ``__name__``) beside the parts' own ``extra_logs`` (CME's ``cme/...``; another part's
-keys get the prefix ``<name>/``). A part that raises, or returns the wrong count or a value that is
-not a finite number, is logged as an error and contributes ``on_error`` (default 0.0) for that call,
-so OpenRLHF never receives ``None`` or NaN (it would stop much later in ``concat_experiences``).
+Each part takes OpenRLHF's ``(queries, prompts, labels)`` and returns one number per sample (list,
+tensor, or ``{"rewards": ..., "extra_logs": {...}}``). The sum ``sum(weight * part)`` is OpenRLHF's
+``rewards`` and ``scores``; each part's unweighted value is logged as ``reward/<name>`` (its
+``__name__``), beside its ``extra_logs`` (CME's ``cme/...``; other parts' under ``<name>/``). A
+part that raises or returns the wrong count or a non-finite value is logged as an error and
+contributes ``on_error`` (0.0), so OpenRLHF never receives ``None`` or NaN.
 """
 
 from __future__ import annotations
@@ -27,19 +25,18 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cme_rewards.openrlhf.runtime import FileModeConfig, get_runtime, reward_dict
+from cme_rewards.openrlhf.runtime import FileModeConfig, get_runtime, reward_dict, tensor_reply
 
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[[list[str], list[str], list[Any]], Any]
 
-_CONFIG: FileModeConfig | None = None
+_CONFIG = FileModeConfig.load()  # a bad CME_REWARDS_* variable fails when the file loads
 
 
 def cme_reward(queries: list[str], prompts: list[str], labels: list[Any]) -> dict[str, Any]:
-    """CME as an OpenRLHF reward part: the same as the file ``cme-rewards openrlhf-reward-file``
-    prints (one verifier per process, configured by ``CME_REWARDS_*``, which were checked when
-    :mod:`cme_rewards.openrlhf.compose` was imported)."""
+    """CME as a reward part: what ``cme-rewards openrlhf-reward-file``'s file computes (one verifier
+    per process, configured by ``CME_REWARDS_*``, checked when this module was imported)."""
     return reward_dict(get_runtime(_CONFIG).score(queries, prompts, labels))
 
 
@@ -77,11 +74,8 @@ def _log_values(value: Any) -> list[float]:
 
 
 def compose(*parts: tuple[RewardFn, float], on_error: float = 0.0) -> RewardFn:
-    """One OpenRLHF ``reward_func`` summing weighted parts (see the module docstring).
-
-    Raises ``ValueError`` at once (when OpenRLHF loads your file) for a part that is not a
-    ``(callable, finite weight)`` pair, or for two parts with one name.
-    """
+    """One OpenRLHF ``reward_func`` summing weighted parts (see the module docstring). Raises
+    ``ValueError`` at once for a part that is not ``(callable, finite weight)``, or a repeated name."""
     if not parts:
         raise ValueError("compose: give at least one (function, weight) part")
     if not math.isfinite(on_error):
@@ -101,11 +95,9 @@ def compose(*parts: tuple[RewardFn, float], on_error: float = 0.0) -> RewardFn:
         named.append((name, func, float(weight)))
 
     def reward_func(queries: list[str], prompts: list[str], labels: list[Any]) -> dict[str, Any]:
-        import torch
-
         n = len(queries)
         total = [0.0] * n
-        logs: dict[str, torch.Tensor] = {}
+        logs: dict[str, list[float]] = {}
         for name, func, weight in named:
             try:
                 values, raw_logs = _values(func(queries, prompts, labels), n)
@@ -121,20 +113,10 @@ def compose(*parts: tuple[RewardFn, float], on_error: float = 0.0) -> RewardFn:
                 )
                 values, part_logs = [on_error] * n, {}
             total = [t + weight * v for t, v in zip(total, values, strict=True)]
-            logs[f"reward/{name}"] = torch.tensor(values, dtype=torch.float32)
+            logs[f"reward/{name}"] = values
             for key, value in part_logs.items():
-                shown = key if func is cme_reward else f"{name}/{key}"
-                logs[shown] = torch.tensor(value, dtype=torch.float32)
-        rewards = torch.tensor(total, dtype=torch.float32)
-        return {"rewards": rewards, "scores": rewards.clone(), "extra_logs": logs}
+                logs[key if func is cme_reward else f"{name}/{key}"] = value
+        return tensor_reply(total, logs)
 
     reward_func.parts = [(name, weight) for name, _, weight in named]  # type: ignore[attr-defined]
     return reward_func
-
-
-def _load_config() -> None:
-    global _CONFIG
-    _CONFIG = FileModeConfig.load()  # a bad CME_REWARDS_* variable fails when the file loads
-
-
-_load_config()

@@ -1,34 +1,33 @@
 """OpenRLHF's reward protocol: recover what the verifier must see, and build the reply.
 
-OpenRLHF (0.11.2, ``openrlhf/utils/agent.py``) sends, for each sample,
-``query = decode(prompt_ids + response_ids, skip_special_tokens=False)`` (the policy's templated
-prompt followed by the response, special tokens included), ``prompt`` (the templated prompt string)
-and ``label`` (the dataset's ``--data.label_key`` column, ``""`` without one).
-
-The response is ``query`` minus the ``prompt`` prefix, with the policy's special tokens removed.
-The verifier's prompt is, in order of preference:
-
-1. ``label``, when it holds the raw instruction (the recipe: ``--data.label_key`` names the raw
-   prompt column); a string or a list of chat messages;
-2. ``prompt`` stripped of the policy's chat template (needs the policy tokenizer);
-3. ``prompt`` as it is (the verifier then sees the policy's template inside its own).
+OpenRLHF (0.11.2, ``openrlhf/utils/agent.py``) sends per sample ``query`` (templated prompt +
+response, special tokens kept), ``prompt`` (the templated prompt) and ``label`` (the
+``--data.label_key`` column, ``""`` without one). The response is ``query`` minus ``prompt``,
+without the policy's special tokens. The verifier's prompt is ``label`` when it holds the raw
+instruction (text or chat messages), else ``prompt`` stripped of the policy's chat template (needs
+the policy tokenizer), else ``prompt`` as it is.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cme_rewards.batched_scorer import Sample
 from cme_rewards.formatting import GENERATOR_END_MARKERS, clean_response, is_text
-from cme_rewards.options import check_fields, option
-from cme_rewards.results import METRIC_PREFIX, CMEResult
+from cme_rewards.options import ScorerOptions, check_fields, option
+from cme_rewards.results import METRIC_PREFIX, CMEResult, floored
 
 logger = logging.getLogger(__name__)
 
 PROMPT_SOURCES = ("auto", "label", "template", "templated")
 """``auto``: label, else template stripping, else as is; or force one of the three."""
+
+UNRECOVERED = "unrecovered"
+"""Prompt source counted for samples whose prompt recovery raised."""
 
 MIN_PROMPT_OVERLAP = 16
 """Characters of the prompt's end that must start ``query`` when OpenRLHF cut the prompt's left."""
@@ -65,35 +64,26 @@ class RecoveryOptions:
         check_fields(self)
 
     def build(self) -> PromptRecovery:
-        """The :class:`PromptRecovery` these options describe (loads the policy tokenizer)."""
-        tokenizer = load_policy_tokenizer(self.policy_tokenizer) if self.policy_tokenizer else None
+        """The :class:`PromptRecovery` these options describe; loads the policy tokenizer, named the
+        way a verifier is (built-in, ``.gguf``, folder, hub id)."""
+        from transformers import AutoTokenizer
+
+        from cme_rewards.models import resolve_verifier
+
+        name = self.policy_tokenizer
+        tokenizer = AutoTokenizer.from_pretrained(resolve_verifier(name)) if name else None
         return PromptRecovery(tokenizer, self.prompt_source)
 
 
 @dataclass(frozen=True)
 class Recovered:
-    """One OpenRLHF sample as the verifier sees it.
-
-    Attributes:
-        prompt: the raw instruction (text) or chat messages, or the templated prompt as it is.
-        response: the policy's response, special tokens removed.
-        source: where ``prompt`` came from: ``label``, ``template`` or ``templated``.
-        error: why the sample cannot be scored (it then gets the floor reward), else ``None``.
-    """
+    """One OpenRLHF sample as the verifier sees it; ``source`` of ``prompt``: ``label``,
+    ``template`` or ``templated``; ``error``: why it cannot be scored (it gets the floor)."""
 
     prompt: str | list[dict[str, Any]]
     response: str
     source: str
     error: str | None = None
-
-
-def load_policy_tokenizer(name: str) -> Any:
-    """The policy's tokenizer, named the way a verifier is (built-in, ``.gguf``, folder, hub id)."""
-    from transformers import AutoTokenizer
-
-    from cme_rewards.models import resolve_verifier
-
-    return AutoTokenizer.from_pretrained(resolve_verifier(name))
 
 
 def policy_special_tokens(tokenizer: Any) -> tuple[str, ...]:
@@ -107,11 +97,9 @@ def policy_special_tokens(tokenizer: Any) -> tuple[str, ...]:
 class ChatTemplateStripper:
     """Recovers the messages a policy's chat template rendered into a prompt string.
 
-    The template is rendered with placeholder contents for a user turn, and for a system + user
-    conversation, which splits it into fixed pieces; a prompt made of those pieces with any text
-    between them gives back that text (the first occurrence of an inner piece splits two contents).
-    Matching is linear in the prompt's length. A lone user turn comes back as its text, otherwise as
-    chat messages.
+    The template rendered with placeholders (a user turn; system + user) splits into fixed pieces;
+    a prompt made of them gives back the text between (linear time). A lone user turn comes back
+    as its text, otherwise as chat messages.
     """
 
     _HOLE = "\x00CME{}\x00"
@@ -166,8 +154,7 @@ class ChatTemplateStripper:
 def longest_overlap(prompt: str, query: str, minimum: int = MIN_PROMPT_OVERLAP) -> int:
     """The longest ``k >= minimum`` with ``prompt[-k:] == query[:k]`` and ``k < len(prompt)``, else 0.
 
-    Linear time: a few candidates are checked directly (``str.find``), then the KMP prefix function
-    of ``query`` decides, so a hostile prompt cannot make it quadratic.
+    Linear time (a few ``str.find`` candidates, then KMP), so a hostile prompt cannot make it slow.
     """
     n = len(prompt)
     if n - 1 < minimum or len(query) < minimum:
@@ -199,12 +186,8 @@ def longest_overlap(prompt: str, query: str, minimum: int = MIN_PROMPT_OVERLAP) 
 
 
 def split_query(query: str, prompt: str, policy_tokenizer: Any = None) -> str | None:
-    """The response part of ``query``: what follows ``prompt`` in it, or ``None`` if not found.
-
-    Also accepts ``prompt`` after a decode round trip through the policy tokenizer, and a prompt
-    whose left part OpenRLHF cut off (a suffix of at least ``MIN_PROMPT_OVERLAP`` characters).
-    Linear in the lengths (see :func:`longest_overlap`).
-    """
+    """What follows ``prompt`` in ``query`` (also after a decode round trip through the policy
+    tokenizer, or when OpenRLHF cut the prompt's left: :func:`longest_overlap`), else ``None``."""
     if query.startswith(prompt):
         return query[len(prompt) :]
     if policy_tokenizer is not None:
@@ -232,12 +215,8 @@ def _label_prompt(label: Any) -> str | list[dict[str, Any]] | None:
 
 
 class PromptRecovery:
-    """Turns OpenRLHF's ``(query, prompt, label)`` into the verifier's ``(prompt, response)``.
-
-    Args:
-        policy_tokenizer: the policy's tokenizer (its special tokens and chat template), or None.
-        prompt_source: one of ``PROMPT_SOURCES``.
-    """
+    """Turns OpenRLHF's ``(query, prompt, label)`` into the verifier's ``(prompt, response)``,
+    using the policy tokenizer's special tokens and chat template when given."""
 
     def __init__(self, policy_tokenizer: Any = None, prompt_source: str = "auto") -> None:
         if prompt_source not in PROMPT_SOURCES:
@@ -285,6 +264,32 @@ class PromptRecovery:
             )
         return Recovered(verifier_prompt, clean_response(tail, self.special_tokens), source)
 
+    def samples(
+        self,
+        queries: Sequence[str],
+        prompts: Sequence[str],
+        labels: Sequence[Any],
+        options: ScorerOptions,
+        sources: Counter[str] | None = None,
+    ) -> list[Sample | CMEResult]:
+        """Each sample for the verifier, or its floor result when it cannot be recovered (even if
+        :meth:`recover` raises); ``sources`` counts where the prompts came from."""
+        items: list[Sample | CMEResult] = []
+        for query, prompt, label in zip(queries, prompts, labels, strict=True):
+            try:
+                rec = self.recover(query, prompt, label)
+            except Exception as exc:  # e.g. a tokenizer refusing a lone surrogate
+                error = f"prompt recovery failed: {type(exc).__name__}: {exc}"[:300]
+                error = error if is_text(prompt) else "undecodable text in prompt"
+                rec = Recovered(prompt, "", UNRECOVERED, error)
+            if sources is not None:
+                sources[rec.source] += 1
+            if rec.error is not None:
+                items.append(floored(rec.error, options))
+            else:
+                items.append(Sample(rec.prompt, rec.response))
+        return items
+
     def _prompt(self, prompt: str, label: Any) -> tuple[str, str | list[dict[str, Any]]]:
         if self.prompt_source in ("auto", "label"):
             from_label = _label_prompt(label)
@@ -305,12 +310,8 @@ class PromptRecovery:
 
 
 def openrlhf_reply(results: Sequence[CMEResult]) -> dict[str, Any]:
-    """The JSON OpenRLHF expects for a request: ``rewards``, ``scores``, ``extra_logs`` (+ ``results``).
-
-    OpenRLHF turns every ``extra_logs`` value into a tensor (``torch.tensor([value])``), so they are
-    all numbers (see :func:`extra_logs`). The error text is in ``results`` (the shared output fields
-    per sample), which OpenRLHF ignores, and in the log.
-    """
+    """The JSON OpenRLHF expects: ``rewards``, ``scores``, numeric ``extra_logs`` (it makes tensors
+    of them), and ``results`` (the shared output fields with the error texts; OpenRLHF ignores it)."""
     rewards = [float(r.cme) for r in results]
     return {
         "rewards": rewards,
@@ -326,18 +327,12 @@ EXTRA_LOG_KEYS = (
     f"{METRIC_PREFIX}truncated_frac",
     f"{METRIC_PREFIX}n_tokens_mean",
 )
-"""The per-sample ``extra_logs`` keys, named as :func:`cme_rewards.results.batch_metrics` names them.
+"""Per-sample ``extra_logs`` keys, named as :func:`cme_rewards.results.batch_metrics` names them.
 
-OpenRLHF 0.11.2 averages each ``extra_logs`` key over a training step's samples (``PPOActor``'s
-``training_step`` weights each by "sample" and ``ppo_train`` takes the sample-weighted mean), so
-each per-sample value is chosen so that this mean is the step's figure: ``cme/floored_frac`` (1 for a
-floored sample), ``cme/truncated_frac`` (1 when the verifier did not see everything) and
-``cme/n_tokens_mean`` (scored tokens) equal ``batch_metrics``; ``cme/mean`` is the sample's reward, so
-its step mean counts floored samples at their floor (``batch_metrics`` leaves them out; the two agree
-when ``cme/floored_frac`` is 0). Statistics that are not means of per-sample values (``cme/std``,
-``cme/min``, ``cme/max``) cannot pass through OpenRLHF's averaging. Every key has the ``cme/``
-prefix, so none replaces one of OpenRLHF's own metrics (such as ``truncated``: generation hit the
-token limit).
+OpenRLHF 0.11.2 averages each key over a step's samples (``PPOActor.training_step``), so the step
+figure equals ``batch_metrics``' for ``floored_frac`` (1 for a floored sample), ``truncated_frac``
+and ``n_tokens_mean``; ``cme/mean`` also counts floored samples at their floor. ``std``, ``min``
+and ``max`` cannot pass through that averaging. The ``cme/`` prefix clobbers no OpenRLHF metric.
 """
 
 

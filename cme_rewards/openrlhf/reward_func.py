@@ -16,12 +16,7 @@ _CONFIG = FileModeConfig.load()  # a bad variable fails when OpenRLHF loads this
 
 
 def reward_func(queries: list[str], prompts: list[str], labels: list[Any]) -> dict[str, Any]:
-    """CME rewards for OpenRLHF: ``{"rewards": tensor [n], "scores": tensor [n], "extra_logs": {...}}``.
-
-    ``queries[i]`` is the templated prompt + response as the trainer decoded it (special tokens
-    kept), ``prompts[i]`` the templated prompt, ``labels[i]`` the ``--data.label_key`` column (the
-    raw prompt, in the recipe). Thread-safe; concurrent calls share verifier batches. Rewards are
-    nats (mean log-likelihood under the verifier). A sample that cannot be scored gets its group's
-    floor with ``CME_REWARDS_GROUP_SIZE`` (:mod:`cme_rewards.openrlhf.grouping`), else the fixed one.
-    """
+    """CME rewards (nats) for OpenRLHF: ``{"rewards": tensor [n], "scores": tensor [n],
+    "extra_logs": {...}}`` of templated prompt + response ``queries``, templated ``prompts`` and
+    ``--data.label_key`` ``labels``; thread-safe, concurrent calls share verifier batches."""
     return reward_dict(get_runtime(_CONFIG).score(queries, prompts, labels))

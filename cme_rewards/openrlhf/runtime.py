@@ -1,20 +1,16 @@
 """One verifier per process for OpenRLHF's file mode, configured by environment variables.
 
-OpenRLHF calls ``reward_func`` once per sample, concurrently from threads, inside every vLLM rollout
-actor. The first call loads the verifier (so vLLM has taken its memory first); later calls share
-it, and concurrent calls are coalesced into verifier batches by a micro-batcher.
-
-Environment variables (all optional): ``CME_REWARDS_<OPTION>`` for every option of
-:class:`cme_rewards.options.ScorerOptions` (``CME_REWARDS_VERIFIER``, ``CME_REWARDS_DTYPE``,
-``CME_REWARDS_MAX_LENGTH``, ...), of :class:`cme_rewards.batching.BatchLimits`
-(``CME_REWARDS_MAX_WAIT_MS``, ...), of :class:`cme_rewards.openrlhf.protocol.RecoveryOptions`, of
-:class:`FileModeOptions` below and of :class:`cme_rewards.openrlhf.grouping.GroupOptions`
-(``CME_REWARDS_GROUP_SIZE``: a sample that cannot be scored gets its group's floor). They are all
+OpenRLHF calls ``reward_func`` once per sample, from threads, in every vLLM rollout actor. The
+first call loads the verifier (after vLLM has taken its memory); concurrent calls share batches.
+Every option of :class:`ScorerOptions`, :class:`BatchLimits`, :class:`RecoveryOptions`,
+:class:`FileModeOptions` and :class:`GroupOptions` may be set as ``CME_REWARDS_<OPTION>``
+(``CME_REWARDS_VERIFIER``, ``CME_REWARDS_MAX_WAIT_MS``, ``CME_REWARDS_GROUP_SIZE``, ...); all are
 checked when OpenRLHF loads the file.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -41,11 +37,7 @@ from cme_rewards.retry import DEFAULT_TRIES, retry_sync
 logger = logging.getLogger(__name__)
 
 PREFIX = "CME_REWARDS_"
-
-
-def env_key(name: str) -> str:
-    """The environment spelling of an option: ``CME_REWARDS_<NAME>``."""
-    return env_name(PREFIX, name)
+env_key = functools.partial(env_name, PREFIX)  # an option's variable: ``CME_REWARDS_<NAME>``
 
 
 @dataclass(frozen=True)
@@ -85,8 +77,7 @@ class FileModeConfig:
 
     @classmethod
     def load(cls) -> FileModeConfig:
-        """:meth:`from_env`, plus the checks that need this machine (``CME_REWARDS_DEVICE=cuda``
-        with no CUDA device here): what the reward file runs when OpenRLHF loads it."""
+        """:meth:`from_env` plus the checks that need this machine (e.g. a CUDA device here)."""
         config = cls.from_env()
         config.scorer.check_here(env_key)
         return config
@@ -145,23 +136,15 @@ class FileModeRuntime:
     ) -> list[CMEResult]:
         """CME of each OpenRLHF sample; never raises for a sample, never returns None or NaN.
 
-        Transient trouble is retried on :mod:`cme_rewards.retry`'s schedule, then gets the floor.
-        With a group size, a sample that cannot be scored gets its group's floor
-        (:mod:`cme_rewards.openrlhf.grouping`), else the fixed floor.
+        Transient trouble is retried (:mod:`cme_rewards.retry`), then floored; with a group size a
+        sample that cannot be scored gets its group's floor, else the fixed one.
         """
         batched, recovery = self._load()
         options = self.config.scorer
         labels = list(labels) if labels is not None else [None] * len(queries)
-        results: list[CMEResult | None] = [None] * len(queries)
-        todo: list[tuple[int, Sample]] = []
-        for i, (query, prompt, label) in enumerate(zip(queries, prompts, labels, strict=True)):
-            rec = recovery.recover(query, prompt, label)
-            if rec.error is not None:
-                results[i] = floored(rec.error, options)
-            else:
-                todo.append((i, Sample(rec.prompt, rec.response)))
-        if todo:
-            samples = [s for _, s in todo]
+        results = recovery.samples(queries, prompts, labels, options)
+        samples = [item for item in results if isinstance(item, Sample)]
+        if samples:
             try:
                 scored = retry_sync(
                     lambda: batched.score_many(samples),
@@ -172,16 +155,15 @@ class FileModeRuntime:
                 reason = f"verifier error: {type(exc).__name__}: {exc}"[:300]
                 logger.exception("%d samples got the floor reward", len(samples))
                 scored = [floored(reason, options) for _ in samples]
-            for (i, _), r in zip(todo, scored, strict=True):
-                results[i] = r
-        done = [r for r in results if r is not None]
+            done = iter(scored)
+            results = [next(done) if isinstance(item, Sample) else item for item in results]
         if self.groups is None:
-            return done
+            return results
         members = [
             self.groups.arrive(group_key(prompt, label), r)
-            for prompt, label, r in zip(prompts, labels, done, strict=True)
+            for prompt, label, r in zip(prompts, labels, results, strict=True)
         ]
-        return [self.groups.settle(g, r) for g, r in zip(members, done, strict=True)]
+        return [self.groups.settle(g, r) for g, r in zip(members, results, strict=True)]
 
 
 _runtime: FileModeRuntime | None = None
@@ -199,8 +181,14 @@ def get_runtime(config: FileModeConfig | None = None) -> FileModeRuntime:
 
 def reward_dict(results: Sequence[CMEResult]) -> dict[str, Any]:
     """What OpenRLHF's file mode expects: ``rewards`` and ``scores`` tensors ``[n]``, numeric ``extra_logs``."""
+    return tensor_reply([r.cme for r in results], extra_logs(results))
+
+
+def tensor_reply(rewards: Sequence[float], logs: Mapping[str, Sequence[float]]) -> dict[str, Any]:
+    """``rewards`` as OpenRLHF's ``rewards`` and ``scores`` float32 tensors ``[n]``, and ``logs``
+    as its ``extra_logs`` tensors."""
     import torch
 
-    rewards = torch.tensor([r.cme for r in results], dtype=torch.float32)
-    logs = {k: torch.tensor(v, dtype=torch.float32) for k, v in extra_logs(results).items()}
-    return {"rewards": rewards, "scores": rewards.clone(), "extra_logs": logs}
+    reward_tensor = torch.tensor(rewards, dtype=torch.float32)
+    tensors = {k: torch.tensor(v, dtype=torch.float32) for k, v in logs.items()}
+    return {"rewards": reward_tensor, "scores": reward_tensor.clone(), "extra_logs": tensors}

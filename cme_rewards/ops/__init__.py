@@ -1,17 +1,9 @@
 """Per-token log-prob ops behind one dispatch point, plus the load-time check of the Triton path.
 
-``impl="auto"`` uses the Triton kernels for CUDA tensors (when triton imports) and the chunked
-PyTorch path otherwise; ``impl="torch"`` or ``impl="triton"`` forces one (Triton on CPU tensors runs
-only under ``TRITON_INTERPRET=1``). The environment variable ``CME_REWARDS_IMPL`` sets the default.
-
-Layout (one role per file; the Triton modules are imported only when used):
-
-* ``chunked.py``: plain PyTorch ops, the production CPU path and the PyTorch reference of the
-  kernels; ``reference.py``: float64 references (tests and the load-time check);
-* ``check.py``: :func:`check_triton_head`, :func:`check_triton_logits` and the warm-ups;
-* ``triton_logits.py`` / ``triton_linear.py``: launchers (checks, device guard, tuning, buffers);
-* ``logits_kernel.py``, ``linear_lse_kernel.py``, ``lse_combine_kernel.py``: one kernel pass each;
-* ``tl_utils.py``: shared Triton helpers; ``tl_autotune.py``: launch configs and the tuner.
+``impl="auto"`` (default: ``$CME_REWARDS_IMPL``) uses the Triton kernels for CUDA tensors when
+triton imports and the chunked PyTorch path otherwise; ``"torch"`` or ``"triton"`` forces one
+(Triton on CPU tensors needs ``TRITON_INTERPRET=1``). Triton modules are imported only when used;
+the layout of this package (one role per file) is in ``docs/gpu.md``.
 """
 
 from __future__ import annotations
@@ -57,15 +49,13 @@ def select_impl(impl: str, device: torch.device) -> str:
         impl = os.environ.get("CME_REWARDS_IMPL", "auto")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl != "auto":
-        return impl
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "torch"
-        return "triton"
-    return "torch"
+    if impl != "auto" or device.type != "cuda":
+        return "torch" if impl == "auto" else impl
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "triton"
 
 
 def token_logprobs(
@@ -79,9 +69,8 @@ def token_logprobs(
     """Log-prob (nats, float32) of ``targets[i]`` under ``softmax(logits[i] / temperature)``.
 
     Shapes: logits ``[N, V]`` (bf16 / fp16 / fp32, last dim contiguous), targets ``[N]`` -> ``[N]``.
-    ``mask`` (optional ``[N]`` bool / int): rows where it is 0 are not read and give 0.0, so that
-    ``[B * T, V]`` logits can be scored in place instead of gathering the scored rows first.
-    A target outside ``[0, V)`` gives NaN.
+    Rows where ``mask [N]`` (bool / int) is 0 are not read and give 0.0, so ``[B * T, V]`` logits
+    can be scored in place. A target outside ``[0, V)`` gives NaN.
     """
     if select_impl(impl, logits.device) == "triton":
         from cme_rewards.ops.triton_logits import triton_token_logprobs

@@ -1,24 +1,12 @@
 """Load-time check and warm-up of the Triton path on the user's device.
 
-A scorer that is about to use the Triton kernels (``impl="auto"`` on CUDA) calls
-:func:`check_triton_head` on a probe batch, then :func:`warm_up_triton_head` for the row counts it
-will see; if either returns ``ok=False`` it falls back to ``impl="torch"`` and logs
-:meth:`ImplCheck.describe`. Both compare the Triton result with a float64 reference computed on
-the same device from the same (rounded) inputs, and report the torch path's distance to that
-reference beside it. Any exception of the Triton path (import, compilation, launch, out of
-resources) is caught and reported as a failed check.
-
-Tolerances (max abs difference per token, nats; :func:`default_tolerance`):
-
-* fp32 operands with IEEE products (torch's default, ``allow_tf32`` off): ``1e-4``;
-* fp32 operands with TF32 allowed: ``5e-2`` (10-bit mantissa products);
-* bf16 / fp16 operands: ``2e-3`` (products are exact in float32; what is left is float32
-  accumulation over H and the float32 logsumexp over V, about 1e-5 to 3e-4 at H = 4096);
-* materialised logits (:func:`check_triton_logits`), any dtype: ``1e-4`` (the kernel reads the
-  same rounded logits and accumulates in float32).
-
-The bf16 *torch* path rounds each logit to bf16 before its float32 softmax, so its distance to the
-float64 reference (typically 1e-2 to 1e-1 nats at realistic logit sizes) is reported, not bounded.
+A scorer about to use the Triton kernels calls :func:`check_triton_head` on a probe batch, then
+:func:`warm_up_triton_head` for the row counts it will see, and falls back to ``impl="torch"``
+(logging :meth:`ImplCheck.describe`) when either gives ``ok=False``. Both compare the Triton
+result with a float64 reference computed on the same device from the same (rounded) inputs and
+report the torch path's distance beside it; any exception of the Triton path (import, compile,
+launch, out of resources) is a failed check. The bf16 torch path rounds each logit to bf16, so
+its distance to float64 (typically 1e-2 to 1e-1 nats) is reported, not bounded.
 """
 
 from __future__ import annotations
@@ -38,14 +26,11 @@ LOGITS_TOLERANCE = 1e-4
 class ImplCheck:
     """Outcome of a comparison of the Triton path with a float64 reference on one device.
 
-    Attributes:
-        ok: the Triton path ran and stayed within ``tol`` of the reference on every row.
-        max_abs_diff: max over rows of ``|triton - reference|`` (nats); ``inf`` when the Triton
-            path failed or gave NaN / inf where the reference is finite.
-        tol: the bound used (nats).
-        torch_max_abs_diff: the same for the torch (chunked) path, for the log; ``None`` if not run.
-        error: the exception of the Triton path, ``"Type: message"``, or ``None``.
-        details: one line per warmed-up row bucket (config chosen, its time, its difference).
+    ``max_abs_diff`` is the max over rows of ``|triton - reference|`` (nats), ``inf`` when the
+    Triton path failed or gave NaN / inf where the reference is finite; ``ok`` means it is within
+    ``tol``. ``torch_max_abs_diff`` is the same for the torch path (``None`` if not run), ``error``
+    the Triton path's exception as ``"Type: message"``, ``details`` one line per warmed-up row
+    bucket (config chosen, its time, its difference).
     """
 
     ok: bool
@@ -70,7 +55,12 @@ class ImplCheck:
 
 
 def default_tolerance(dtype: torch.dtype) -> float:
-    """Max abs per-token difference (nats) of the fused head vs float64 for operands of ``dtype``."""
+    """Max abs per-token difference (nats) of the fused head vs float64 for operands of ``dtype``.
+
+    fp32: ``1e-4`` with IEEE products, ``5e-2`` when torch allows TF32 matmuls; bf16 / fp16:
+    ``2e-3`` (exact products; float32 accumulation over H and logsumexp over V, about 1e-5 to
+    3e-4 at H = 4096). The logits op reads the rounded logits themselves: ``LOGITS_TOLERANCE``.
+    """
     if dtype in (torch.float32, torch.float64):
         return 5e-2 if torch.backends.cuda.matmul.allow_tf32 else 1e-4
     return 2e-3
@@ -85,8 +75,9 @@ def max_abs_diff(got: torch.Tensor, want: torch.Tensor) -> float:
     return float(diff.max().item()) if diff.numel() else 0.0
 
 
-def _failure(exc: BaseException, tol: float) -> ImplCheck:
-    return ImplCheck(False, math.inf, tol, error=f"{type(exc).__name__}: {exc}"[:1000])
+def _failure(exc: BaseException, tol: float, details: list[str] | None = None) -> ImplCheck:
+    error = f"{type(exc).__name__}: {exc}"[:1000]
+    return ImplCheck(False, math.inf, tol, error=error, details=tuple(details or ()))
 
 
 def check_triton_head(
@@ -101,25 +92,20 @@ def check_triton_head(
 ) -> ImplCheck:
     """Run the fused Triton head and the torch head on ``hidden``'s device; compare with float64.
 
-    Args:
-        hidden: ``[N, H]`` probe hidden states (a few rows suffice), on the device to check.
-        weight: ``[V, H]`` output-head weight, same dtype and device.
-        targets: ``[N]`` token ids in ``[0, V)``.
-        bias, logit_scale, softcap: the head's transform, as in ``linear_token_logprobs``.
-        tol: max abs per-token difference (nats); default :func:`default_tolerance`.
+    ``hidden [N, H]`` probe rows (a few suffice), ``weight [V, H]`` of the same dtype and device,
+    ``targets [N]`` in ``[0, V)``; ``bias``, ``logit_scale``, ``softcap`` as in
+    ``linear_token_logprobs``. ``tol`` (nats) defaults to :func:`default_tolerance`.
     """
     tol = default_tolerance(hidden.dtype) if tol is None else tol
+    args = (hidden, weight, targets)
     kwargs = {"bias": bias, "logit_scale": logit_scale, "softcap": softcap}
     with torch.inference_mode():
-        want = reference_linear_token_logprobs(hidden, weight, targets, **kwargs)
-        torch_diff = max_abs_diff(
-            chunked_linear_token_logprobs(hidden, weight, targets, **kwargs), want
-        )
+        want = reference_linear_token_logprobs(*args, **kwargs)
+        torch_diff = max_abs_diff(chunked_linear_token_logprobs(*args, **kwargs), want)
         try:
             from cme_rewards.ops.triton_linear import triton_linear_token_logprobs
 
-            got = triton_linear_token_logprobs(hidden, weight, targets, **kwargs)
-            diff = max_abs_diff(got, want)
+            diff = max_abs_diff(triton_linear_token_logprobs(*args, **kwargs), want)
         except Exception as exc:  # a compile or launch failure is a failed check
             return _failure(exc, tol)
     return ImplCheck(diff <= tol, diff, tol, torch_diff)
@@ -136,15 +122,13 @@ def check_triton_logits(
     tol = LOGITS_TOLERANCE if tol is None else tol
     with torch.inference_mode():
         want = reference_token_logprobs(logits, targets, temperature=temperature)
-        torch_diff = max_abs_diff(
-            chunked_token_logprobs(logits, targets, temperature=temperature), want
-        )
+        torch_got = chunked_token_logprobs(logits, targets, temperature=temperature)
+        torch_diff = max_abs_diff(torch_got, want)
         try:
             from cme_rewards.ops.triton_logits import triton_token_logprobs
 
-            diff = max_abs_diff(
-                triton_token_logprobs(logits, targets, temperature=temperature), want
-            )
+            got = triton_token_logprobs(logits, targets, temperature=temperature)
+            diff = max_abs_diff(got, want)
         except Exception as exc:
             return _failure(exc, tol)
     return ImplCheck(diff <= tol, diff, tol, torch_diff)
@@ -177,11 +161,11 @@ def warm_up_triton_head(
 ) -> ImplCheck:
     """Tune the fused head for every row bucket up to ``max_rows`` and check each chosen config.
 
-    The first call of a new (head, row bucket) times every candidate config (a few seconds each
-    the first time a process compiles them); doing it here keeps that out of the first scoring
-    batch. For each bucket it runs random ``[n, H]`` hidden states of ``weight``'s dtype through
-    the tuned op and compares its first ``check_rows`` rows with the float64 reference.
-    ``max_rows`` is the most scored tokens one call will see (e.g. the scorer's token budget).
+    A new (head, row bucket) times every candidate config on its first call (seconds each when
+    a process first compiles them); doing it here keeps that out of the first scoring batch.
+    ``max_rows`` is the most scored tokens one call will see (e.g. the scorer's token budget);
+    random ``[n, H]`` hidden states go through the tuned op and their first ``check_rows`` rows
+    are compared with the float64 reference.
     """
     tol = default_tolerance(weight.dtype) if tol is None else tol
     gen = torch.Generator(device=weight.device).manual_seed(seed)
@@ -203,8 +187,7 @@ def warm_up_triton_head(
             details.append(f"N={n}: {triton_linear.TUNER.describe_last()}, max |diff| {diff:.2e}")
             del hidden, targets, got
     except Exception as exc:
-        failed = _failure(exc, tol)
-        return ImplCheck(False, math.inf, tol, error=failed.error, details=tuple(details))
+        return _failure(exc, tol, details)
     return ImplCheck(worst <= tol, worst, tol, details=tuple(details))
 
 
@@ -223,13 +206,12 @@ def warm_up_triton_logits(
     For the scorer's full-logits fallback path; same contract as :func:`warm_up_triton_head`.
     """
     tol = LOGITS_TOLERANCE if tol is None else tol
-    device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     details, worst = [], 0.0
     try:
         from cme_rewards.ops import triton_logits
 
-        for n in _row_counts(max(1, max_rows), vocab * torch.empty((), dtype=dtype).element_size()):
+        for n in _row_counts(max(1, max_rows), vocab * dtype.itemsize):
             logits = (torch.randn(n, vocab, generator=gen, device=device) * 4).to(dtype)
             targets = torch.randint(0, vocab, (n,), generator=gen, device=device)
             with torch.inference_mode():
@@ -241,6 +223,5 @@ def warm_up_triton_logits(
             details.append(f"N={n}: {triton_logits.TUNER.describe_last()}, max |diff| {diff:.2e}")
             del logits, targets, got
     except Exception as exc:
-        failed = _failure(exc, tol)
-        return ImplCheck(False, math.inf, tol, error=failed.error, details=tuple(details))
+        return _failure(exc, tol, details)
     return ImplCheck(worst <= tol, worst, tol, details=tuple(details))

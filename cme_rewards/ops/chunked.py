@@ -1,10 +1,8 @@
 """Plain PyTorch log-prob ops: the production CPU path, and the PyTorch reference of the kernels.
 
-Same functions and semantics as the Triton ops (``triton_logits``, ``triton_linear``), written
-with torch operations only. Rows are taken ``row_chunk`` at a time and the vocabulary
-``vocab_chunk`` at a time; each block's logsumexp (one fused pass per row) is merged into a running
-float32 logsumexp, so the largest temporary is ``row_chunk x vocab_chunk`` floats
-(``CHUNK_ELEMENTS`` by default, 16 MiB) and a float32 ``[N, V]`` tensor is never held whole.
+Same semantics as the Triton ops. Rows are taken ``MAX_ROW_CHUNK`` and the vocabulary
+``chunk_elements // rows`` at a time, each block's logsumexp merged into a running float32 one,
+so a float32 ``[N, V]`` tensor is never held whole.
 """
 
 from __future__ import annotations
@@ -21,21 +19,15 @@ MAX_ROW_CHUNK = 2048
 def apply_head_transform(
     logits: torch.Tensor, *, logit_scale: float = 1.0, softcap: float | None = None
 ) -> torch.Tensor:
-    """The output head's logit transform: ``x * logit_scale``, then ``softcap * tanh(x / softcap)``.
+    """The head's logit transform ``x * logit_scale``, then ``softcap * tanh(x / softcap)``.
 
-    Shape- and dtype-preserving (any ``[..., V]``); computes in the dtype of ``logits``.
+    Shape- and dtype-preserving (any ``[..., V]``).
     """
     if logit_scale != 1.0:
         logits = logits * logit_scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     return logits
-
-
-def _chunk_sizes(n_rows: int, vocab: int, chunk_elements: int) -> tuple[int, int]:
-    rows = max(1, min(n_rows, MAX_ROW_CHUNK))
-    cols = max(1, min(vocab, chunk_elements // rows))
-    return rows, cols
 
 
 def _online_logprobs(
@@ -51,7 +43,8 @@ def _online_logprobs(
     ``block_logits(rows, v0, v1)`` returns the float32 logits ``[len(rows), v1 - v0]``.
     """
     out = torch.empty(n_rows, dtype=torch.float32, device=device)
-    rows, cols = _chunk_sizes(n_rows, vocab, chunk_elements)
+    rows = max(1, min(n_rows, MAX_ROW_CHUNK))
+    cols = max(1, min(vocab, chunk_elements // rows))
     for r0 in range(0, n_rows, rows):
         rs = slice(r0, min(r0 + rows, n_rows))
         tgt = targets[rs].long()
@@ -86,21 +79,18 @@ def chunked_token_logprobs(
     Rows where ``mask`` is 0 are not read and give 0.0; a target outside ``[0, V)`` gives NaN.
     """
     n_rows, vocab = logits.shape
+    kept = slice(None) if mask is None else (mask != 0).nonzero().squeeze(1)
+
+    def block(rs: slice, v0: int, v1: int) -> torch.Tensor:
+        rows = rs if mask is None else kept[rs]
+        return logits[rows, v0:v1].float() / temperature
+
+    n_kept = n_rows if mask is None else kept.numel()
+    scored = _online_logprobs(n_kept, vocab, block, targets[kept], logits.device, chunk_elements)
     if mask is None:
-
-        def block(rs: slice, v0: int, v1: int) -> torch.Tensor:
-            return logits[rs, v0:v1].float() / temperature
-
-        return _online_logprobs(n_rows, vocab, block, targets, logits.device, chunk_elements)
-    kept = (mask != 0).nonzero().squeeze(1)
+        return scored
     out = torch.zeros(n_rows, dtype=torch.float32, device=logits.device)
-
-    def kept_block(rs: slice, v0: int, v1: int) -> torch.Tensor:
-        return logits[kept[rs], v0:v1].float() / temperature
-
-    out[kept] = _online_logprobs(
-        kept.numel(), vocab, kept_block, targets[kept], logits.device, chunk_elements
-    )
+    out[kept] = scored
     return out
 
 
@@ -116,8 +106,7 @@ def chunked_linear_token_logprobs(
 ) -> torch.Tensor:
     """Log-probs (nats) of ``targets`` through the output head without ``[N, V]`` logits.
 
-    Logits are ``(hidden @ weight.T + bias) * logit_scale``, then softcapped when ``softcap`` is set,
-    computed in the weights' dtype and upcast to float32 block by block.
+    Logits as in ``linear_token_logprobs``, computed in the weights' dtype, then upcast to float32.
     Shapes: hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]``, targets ``[N]`` -> float32 ``[N]``;
     a target outside ``[0, V)`` gives NaN.
     """

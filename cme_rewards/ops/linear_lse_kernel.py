@@ -1,17 +1,10 @@
 """Triton kernel, fused head pass 1: matmul tiles folded into per-tile logsumexps (logits never stored).
 
-``linear_lse_kernel`` computes tiles of ``z = (hidden [N, H] @ weight [V, H].T + bias) * scale``
-(then ``softcap * tanh(z / softcap)``) with float32 accumulation, and folds each
-``BLOCK_M x BLOCK_N`` tile in its epilogue into one base-2 logsumexp per (vocabulary tile, row),
-stored in ``partial [T, N]`` (``T = cdiv(V, BLOCK_N)``), plus the base-2 target logit of each row
-from the one tile that holds it. Pass 2 (``lse_combine_kernel``) merges the ``T`` partials.
-
-Tiles are visited in groups of ``GROUP_M`` row blocks that walk the vocabulary together, so that
-programs in flight share weight tiles in L2. With ``PERSISTENT`` the grid is one program per SM
-that strides over the tiles with the tile and K loops flattened (Triton's persistent matmul
-pattern): the loads of the next tile overlap the softmax epilogue of the current one. Otherwise
-the grid has one program per tile. Operands come through TMA tensor descriptors (``USE_TMA``,
-sm90+) or pointers. The launcher is ``cme_rewards.ops.triton_linear``.
+Each ``BLOCK_M x BLOCK_N`` tile of ``z = (hidden @ weight.T + bias) * scale`` (then softcapped),
+accumulated in float32, is folded in its epilogue into one base-2 logsumexp per (vocabulary tile,
+row) in ``partial [T, N]``, plus the base-2 target logit from the tile that holds it. Tiles go in
+groups of ``GROUP_M`` row blocks (weight tiles shared in L2); ``PERSISTENT`` grids stride one
+program per SM over the tiles with the loops flattened; ``USE_TMA`` loads through descriptors.
 """
 
 from __future__ import annotations
@@ -45,10 +38,8 @@ def _fold_columns(
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
 ):
-    """Base-2 logsumexp over the columns of one accumulator (sub)tile, and the picked target logit.
-
-    ``-inf`` (no valid column: a part of the last tile past the vocabulary) when ``cols >= V``.
-    """
+    """Base-2 logsumexp over the columns of one accumulator (sub)tile (``-inf`` when every
+    ``cols >= V``), and the picked target logit."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
     z = cap_log2 * tanh_f32(acc * out_scale) if HAS_SOFTCAP else acc * out_scale
@@ -125,16 +116,9 @@ def _fold_tile(
         )
         lse = _merge_lse2(lse, l1)
         picked += p1
+        c3 = c0 + 3 * (BLOCK_N // 4)
         l1, p1 = _fold_columns(
-            a11,
-            c0 + 3 * (BLOCK_N // 4),
-            targets,
-            bias_ptr,
-            V,
-            out_scale,
-            cap_log2,
-            HAS_BIAS,
-            HAS_SOFTCAP,
+            a11, c3, targets, bias_ptr, V, out_scale, cap_log2, HAS_BIAS, HAS_SOFTCAP
         )
         lse = _merge_lse2(lse, l1)
         picked += p1

@@ -1,21 +1,10 @@
 """Triton kernel: per-row log-prob of the target from materialised logits (one pass over each row).
 
-``token_logprobs_kernel`` runs one program per row of ``logits [N, V]``. It keeps an online
-base-2 logsumexp in float32 over vocabulary blocks and writes
-``log softmax(logits[row] / T)[target[row]]`` in nats. Each row is read in three parts so that the
-main loop has unmasked, 16-byte aligned vector loads for every vocabulary size and row stride:
-
-* a head of fewer than ``ALIGN`` columns up to the row's first 16-byte boundary (a row of 50,257
-  bf16 logits starts at any 2-byte offset),
-* the main loop over ``N_BODY`` columns in whole ``BLOCK_V`` blocks, software-pipelined
-  ``NUM_STAGES`` deep (``tl.range(..., num_stages=NUM_STAGES)``); ``N_BODY`` is the same for
-  every row, ``(V - ALIGN + 1) // BLOCK_V * BLOCK_V``, whatever the row's head,
-* a masked tail block and a masked edge of ``ALIGN`` columns for the rest (a vocabulary such as
-  151,665 is not a multiple of 8).
-
-A row switched off by ``mask`` returns at once without reading its logits and gives 0.0.
-Deterministic: every sum has a fixed order, there are no atomics. The launcher is
-``cme_rewards.ops.triton_logits.triton_token_logprobs``.
+One program per row keeps an online base-2 logsumexp in float32. For unmasked, 16-byte aligned
+vector loads at any vocabulary size and row stride, a row is read as a head up to its first 16-byte
+boundary, ``N_BODY`` columns of whole ``BLOCK_V`` blocks (the same for every row, pipelined
+``NUM_STAGES`` deep), then a masked tail block and a masked edge of ``ALIGN`` columns. A row
+switched off by ``mask`` is not read and gives 0.0. No atomics: deterministic.
 """
 
 from __future__ import annotations

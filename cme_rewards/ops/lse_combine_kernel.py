@@ -1,9 +1,7 @@
 """Triton kernel, fused head pass 2: merge the per-tile logsumexps of pass 1 into log-probs.
 
-``lse_combine_kernel`` gives each program ``BLOCK_R`` rows and walks the ``T`` partial base-2
-logsumexps of ``partial [T, N]`` ``BLOCK_T`` tiles at a time: each step is one coalesced
-``[BLOCK_T, BLOCK_R]`` load (independent loads in flight, not a chain of dependent scalar ones)
-merged into a running logsumexp in a fixed order, so results are bitwise reproducible.
+Each program takes ``BLOCK_R`` rows and walks ``partial [T, N]`` ``BLOCK_T`` tiles at a time with
+coalesced ``[BLOCK_T, BLOCK_R]`` loads, in a fixed order (bitwise reproducible).
 """
 
 from __future__ import annotations

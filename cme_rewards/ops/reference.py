@@ -1,9 +1,7 @@
 """Float64 references of the log-prob ops, for the tests and the load-time check of the Triton path.
 
-Slow and exact: every logit is computed and reduced in float64 from the same (rounded) inputs the
-fast paths read, so the difference to them is the fast paths' own error. The vocabulary is taken
-in blocks so that a check on a GPU never holds a float64 copy of a whole output head. A target
-outside ``[0, V)`` gives NaN, as in the fast paths.
+Every logit is computed and reduced in float64 from the same (rounded) inputs the fast paths read,
+so a difference is the fast path's own error. A target outside ``[0, V)`` gives NaN.
 """
 
 from __future__ import annotations
@@ -11,8 +9,6 @@ from __future__ import annotations
 import torch
 
 from cme_rewards.ops.chunked import apply_head_transform
-
-__all__ = ["apply_head_transform", "reference_linear_token_logprobs", "reference_token_logprobs"]
 
 _BLOCK_ELEMENTS = 1 << 25
 """Largest float64 temporary of the blocked reference, in elements (256 MiB)."""
@@ -44,8 +40,8 @@ def reference_linear_token_logprobs(
 ) -> torch.Tensor:
     """Log-probs (nats, float64) through the output head; ``[N, H], [V, H], [N] -> [N]``.
 
-    Logits ``(hidden @ weight.T + bias) * logit_scale``, then ``softcap * tanh(x / softcap)``, all in
-    float64, over vocabulary blocks of at most ``2**25 / max(N, H)`` rows of ``weight``.
+    Logits as in ``linear_token_logprobs``, over vocabulary blocks of ``2**25 / max(N, H)`` rows
+    of ``weight``, so a check on a GPU never holds a float64 copy of a whole head.
     """
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]

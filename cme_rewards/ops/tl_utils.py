@@ -1,9 +1,6 @@
-"""Shared Triton helpers of the kernels in ``cme_rewards.ops``: constants, jit helpers, launch guards.
-
-Everything here is either a ``@triton.jit`` helper that the kernel files inline, or a small host
-helper that every launcher uses (interpreter detection, the CUDA device guard, row buckets).
-Importing this module imports triton; ``TRITON_INTERPRET=1`` must be set before that to run the
-kernels on CPU tensors.
+"""Shared Triton helpers of ``cme_rewards.ops``: ``@triton.jit`` helpers the kernels inline, and the
+host helpers of every launcher. Importing it imports triton: set ``TRITON_INTERPRET=1`` first to
+run the kernels on CPU tensors.
 """
 
 from __future__ import annotations
@@ -14,10 +11,11 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime import interpreter
 
-LN2 = math.log(2.0)
-LOG2E = 1.0 / LN2
+LOG2E = 1.0 / math.log(2.0)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+"""Operand dtypes of the kernels."""
 
 N_BUCKETS = (256, 2048, 16384)
 """Upper edges of the row-count buckets that key the tuning caches (a 4th bucket is above)."""
@@ -25,10 +23,7 @@ N_BUCKETS = (256, 2048, 16384)
 
 def n_bucket(n_rows: int) -> int:
     """The tuning bucket of ``n_rows``: the first edge of ``N_BUCKETS`` >= it, else ``2 * last``."""
-    for edge in N_BUCKETS:
-        if n_rows <= edge:
-            return edge
-    return 2 * N_BUCKETS[-1]
+    return next((edge for edge in N_BUCKETS if n_rows <= edge), 2 * N_BUCKETS[-1])
 
 
 @triton.jit
@@ -37,26 +32,17 @@ def _probe_kernel(x_ptr):  # only decorated to find out whether triton interpret
 
 
 def interpreting() -> bool:
-    """True when the kernels run in Triton's CPU interpreter.
-
-    Triton decides at decoration time: ``TRITON_INTERPRET=1`` must be set before
-    ``cme_rewards.ops.tl_utils`` (or any kernel module) is first imported.
-    """
-    return isinstance(_probe_kernel, InterpretedFunction)
+    """True when the kernels run in Triton's CPU interpreter (decided when this module loads)."""
+    return isinstance(_probe_kernel, interpreter.InterpretedFunction)
 
 
 def _patch_interpreter_scalar_index() -> None:
     """Let the interpreter run loops whose bounds are runtime scalars (e.g. ``tl.range(0, n)``).
 
-    Triton 3.6's interpreter holds every scalar as a 1-element numpy array and turns it into a
-    loop bound with ``int(array)``, which numpy >= 2.4 rejects for arrays of rank 1. This wraps
-    the interpreter's patching of ``tl.tensor`` so that ``__index__`` reads the single element;
-    compiled kernels are unaffected, and the wrapper is a no-op where Triton changed.
+    Triton 3.6's interpreter turns a scalar (a 1-element numpy array) into a loop bound with
+    ``int(array)``, which numpy >= 2.4 rejects for rank 1; ``__index__`` reads the element instead.
+    A no-op where Triton changed; compiled kernels are unaffected.
     """
-    try:
-        from triton.runtime import interpreter
-    except ImportError:  # pragma: no cover
-        return
     original = getattr(interpreter, "_patch_lang_tensor", None)
     if original is None or getattr(original, "_cme_scalar_index", False):
         return
@@ -74,23 +60,17 @@ if interpreting():
 
 
 def device_guard(tensor: torch.Tensor):
-    """``torch.cuda.device(tensor.device)`` for CUDA tensors: launches go to the tensor's GPU.
-
-    Triton launches on the *current* CUDA device; without this guard a tensor on ``cuda:1`` would
-    be read by a kernel launched on ``cuda:0``.
-    """
-    if tensor.is_cuda:
-        return torch.cuda.device(tensor.device)
-    return contextlib.nullcontext()
+    """``torch.cuda.device(tensor.device)`` for CUDA tensors: Triton launches on the *current*
+    device, so without it a tensor on ``cuda:1`` would be read by a kernel on ``cuda:0``."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 @triton.jit
 def online_lse_update(m, s, x, scale):
-    """Merge block ``x`` into a running base-2 logsumexp along axis 0.
+    """Merge block ``x`` into a running base-2 logsumexp along axis 0; returns the new ``(m, s)``.
 
-    ``m`` is the running max of the raw values (shape of ``x`` without axis 0), ``s`` the running
-    ``sum 2^((v - m) * scale)``. ``-inf`` entries are allowed everywhere: while ``m`` is ``-inf``
-    the reference point is 0, so no ``-inf - -inf`` appears. Returns the new ``(m, s)``.
+    ``m``: running max of the raw values, ``s``: running ``sum 2^((v - m) * scale)``. ``-inf`` is
+    allowed everywhere: while ``m`` is ``-inf`` the reference point is 0 (no ``-inf - -inf``).
     """
     m_new = tl.maximum(m, tl.max(x, axis=0))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -103,19 +83,11 @@ def tanh_f32(x):
     """float32 tanh to a few ulp: odd Taylor series below |x| = 0.3, (1 - e^-2|x|) / (1 + e^-2|x|) above."""
     a = tl.abs(x)
     a2 = a * a
-    series = a * (
-        1.0
-        + a2
-        * (
-            -0.3333333333333333
-            + a2
-            * (
-                0.13333333333333333
-                + a2
-                * (-0.05396825396825397 + a2 * (0.021869488536155203 + a2 * -0.008863235529902197))
-            )
-        )
-    )
+    p = 0.021869488536155203 + a2 * -0.008863235529902197  # Horner, innermost term first
+    p = -0.05396825396825397 + a2 * p
+    p = 0.13333333333333333 + a2 * p
+    p = -0.3333333333333333 + a2 * p
+    series = a * (1.0 + a2 * p)
     e = tl.exp2(a * -2.8853900817779268)  # exp(-2|x|), no overflow
     t = tl.where(a < 0.3, series, (1.0 - e) / (1.0 + e))
     return tl.where(x < 0, -t, t)

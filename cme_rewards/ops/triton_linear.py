@@ -1,13 +1,10 @@
 """Launcher of the fused output head: checks, TMA policy, partial buffer, tuning, both passes.
 
-``triton_linear_token_logprobs(hidden [N, H], weight [V, H], targets [N])`` computes, in nats,
-``log softmax(z)[target]`` with ``z = (hidden @ weight.T + bias) * logit_scale``, then
-``z = softcap * tanh(z / softcap)`` when ``softcap`` is set, without writing the ``[N, V]`` logits:
-pass 1 (``linear_lse_kernel``) leaves one logsumexp per (vocabulary tile, row) in a ``[T, N]``
+Pass 1 (``linear_lse_kernel``) leaves one logsumexp per (vocabulary tile, row) in a ``[T, N]``
 float32 buffer, pass 2 (``lse_combine_kernel``) merges them in a fixed order (no atomics: bitwise
-reproducible). Extra memory: ``4 * T * N`` bytes with ``T = cdiv(V, BLOCK_N)`` of the config in
-use, kept under ``PARTIAL_BUDGET_BYTES`` by taking rows in equal chunks when needed. The plain
-PyTorch counterpart is ``cme_rewards.ops.chunked.chunked_linear_token_logprobs``.
+reproducible); the ``[N, V]`` logits are never written. The buffer, ``4 * T * N`` bytes with
+``T = cdiv(V, BLOCK_N)``, stays under ``PARTIAL_BUDGET_BYTES`` by taking rows in equal chunks.
+The plain PyTorch counterpart is ``cme_rewards.ops.chunked.chunked_linear_token_logprobs``.
 """
 
 from __future__ import annotations
@@ -29,7 +26,7 @@ from cme_rewards.ops.tl_autotune import (
     Tuner,
     linear_candidates,
 )
-from cme_rewards.ops.tl_utils import LOG2E, device_guard, interpreting, n_bucket
+from cme_rewards.ops.tl_utils import DTYPES, LOG2E, device_guard, interpreting, n_bucket
 
 PARTIAL_BUDGET_BYTES = 56 * 2**20
 """Largest ``[T, rows]`` float32 partial buffer; with the [N] outputs, extra memory stays < 64 MiB."""
@@ -50,8 +47,7 @@ def tma_usable(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether pass 1 loads its operands through TMA descriptors (``CME_TRITON_TMA``: auto, 0, 1).
 
     TMA needs sm90+, 16-byte aligned bases and row strides and a contiguous last dim; only 16-bit
-    operands use it (the fp32 TMA build needs a stack frame on sm90). ``1`` forces it (also in
-    the interpreter), ``0`` turns it off.
+    operands use it (fp32 needs a stack frame on sm90). ``1`` forces it (also when interpreting).
     """
     choice = os.environ.get("CME_TRITON_TMA", "auto")
     if choice not in ("auto", "0", "1"):
@@ -75,11 +71,8 @@ def tma_usable(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def chunk_rows(n_rows: int, vocab: int, block_n: int, budget: int = -1) -> int:
-    """Rows per chunk so that the ``[cdiv(V, block_n), rows]`` float32 buffer fits ``budget``.
-
-    Chunks are equal (up to ``ROW_QUANTUM``): 8192 rows that do not fit become 2 x 4096, not
-    7936 + 256. A single chunk holds all rows whenever they fit.
-    """
+    """Rows per chunk so that the ``[cdiv(V, block_n), rows]`` float32 buffer fits ``budget``;
+    equal chunks (up to ``ROW_QUANTUM``): 8192 rows that do not fit become 2 x 4096."""
     budget = PARTIAL_BUDGET_BYTES if budget < 0 else budget
     tiles = triton.cdiv(vocab, block_n)
     max_rows = max(ROW_QUANTUM, budget // (4 * tiles) // ROW_QUANTUM * ROW_QUANTUM)
@@ -87,12 +80,6 @@ def chunk_rows(n_rows: int, vocab: int, block_n: int, budget: int = -1) -> int:
         return n_rows
     n_chunks = triton.cdiv(n_rows, max_rows)
     return min(max_rows, triton.cdiv(triton.cdiv(n_rows, n_chunks), ROW_QUANTUM) * ROW_QUANTUM)
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def triton_linear_token_logprobs(
@@ -103,25 +90,17 @@ def triton_linear_token_logprobs(
     logit_scale: float = 1.0,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Per-token log-probs (nats, float32 ``[N]``) of ``targets`` through the output head.
+    """Per-token log-probs (nats, float32 ``[N]``) of ``targets [N]`` through the output head.
 
-    Args:
-        hidden: ``[N, H]`` final hidden states of the scored rows only (bf16 / fp16 / fp32).
-        weight: ``[V, H]`` output-head weight, same dtype as ``hidden``; last dims contiguous.
-        targets: ``[N]`` integer token ids; an id outside ``[0, V)`` gives NaN for its row.
-        bias: optional ``[V]`` output-head bias.
-        logit_scale: multiplies ``hidden @ weight.T + bias`` (e.g. 1 / temperature).
-        softcap: if set, logits become ``softcap * tanh(logits / softcap)`` (Gemma-2 style).
+    Logits ``(hidden [N, H] @ weight [V, H].T + bias [V]) * logit_scale``, then
+    ``softcap * tanh(x / softcap)`` when set; bf16 / fp16 / fp32 operands of one dtype. A target
+    outside ``[0, V)`` gives NaN. Raises ``ValueError`` on bad shapes, dtypes, devices or scales.
     """
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"need hidden [N, H] and weight [V, H], got {list(hidden.shape)} and {list(weight.shape)}"
         )
-    if hidden.dtype != weight.dtype or hidden.dtype not in (
-        torch.bfloat16,
-        torch.float16,
-        torch.float32,
-    ):
+    if hidden.dtype != weight.dtype or hidden.dtype not in DTYPES:
         raise ValueError(
             f"hidden and weight must share one of bf16/fp16/fp32, got {hidden.dtype} and {weight.dtype}"
         )
@@ -151,7 +130,6 @@ def triton_linear_token_logprobs(
         weight = weight.contiguous()
     if bias is not None:
         bias = bias.contiguous()
-
     if softcap is None:
         out_scale, cap_log2 = logit_scale * LOG2E, 1.0
     else:
@@ -163,16 +141,19 @@ def triton_linear_token_logprobs(
         "HAS_SOFTCAP": softcap is not None,
         "USE_TMA": use_tma,
         "INPUT_PRECISION": _input_precision(hidden.dtype),
-        # bf16 x bf16 products are exact in fp32, so the upcast changes no result bits beyond the
-        # order of the fp32 sums.
+        # bf16 products are exact in fp32: the upcast changes only the order of the fp32 sums
         "DOT_UPCAST": interpreting() and hidden.dtype == torch.bfloat16,
     }
-    n_sms = _num_sms(hidden.device)
+    n_sms = 4  # persistent programs in the interpreter
+    if hidden.is_cuda:
+        n_sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count
+    combine_meta = {"BLOCK_T": COMBINE_BLOCK_T, "BLOCK_R": COMBINE_BLOCK_R}
+    if not interpreting():
+        combine_meta["num_warps"] = COMBINE_WARPS
     buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def run(config: KernelConfig) -> None:
-        """Both passes over all rows with ``config``, chunked to the partial budget."""
-        meta = config.kwargs
+        meta, launch = config.kwargs, config.launch_options()
         block_m, block_n = meta["BLOCK_M"], meta["BLOCK_N"]
         chunk = chunk_rows(n_rows, vocab, block_n)
         tiles_n = triton.cdiv(vocab, block_n)
@@ -192,50 +173,17 @@ def triton_linear_token_logprobs(
                 w_arg = TensorDescriptor.from_tensor(weight, [block_n, meta["BLOCK_K"]])
             tiles = triton.cdiv(rows, block_m) * tiles_n
             grid = (min(tiles, n_sms),) if meta["PERSISTENT"] else (tiles,)
+            pointers = (h_arg, w_arg, out if bias is None else bias, t_part, partial, target_logit)
+            strides = (h_part.stride(0), weight.stride(0), t_part.stride(0))
             linear_lse_kernel[grid](
-                h_arg,
-                w_arg,
-                bias if bias is not None else out,
-                t_part,
-                partial,
-                target_logit,
-                rows,
-                vocab,
-                h_part.stride(0),
-                weight.stride(0),
-                t_part.stride(0),
-                out_scale,
-                cap_log2,
-                **flags,
-                **meta,
-                **config.launch_options(),
+                *pointers, rows, vocab, *strides, out_scale, cap_log2, **flags, **meta, **launch
             )
-            combine_options = {} if interpreting() else {"num_warps": COMBINE_WARPS}
+            combine = (partial, target_logit, t_part, out[start:stop], rows, vocab, tiles_n)
             lse_combine_kernel[(triton.cdiv(rows, COMBINE_BLOCK_R),)](
-                partial,
-                target_logit,
-                t_part,
-                out[start:stop],
-                rows,
-                vocab,
-                tiles_n,
-                t_part.stride(0),
-                BLOCK_T=COMBINE_BLOCK_T,
-                BLOCK_R=COMBINE_BLOCK_R,
-                **combine_options,
+                *combine, t_part.stride(0), **combine_meta
             )
 
-    key = (
-        str(hidden.device),
-        hidden.dtype,
-        vocab,
-        dim,
-        bias is not None,
-        softcap is not None,
-        use_tma,
-        flags["INPUT_PRECISION"],
-        n_bucket(n_rows),
-    )
+    key = (str(hidden.device), hidden.dtype, vocab, *flags.values(), n_bucket(n_rows))
     candidates = linear_candidates(hidden.dtype == torch.float32, vocab)
     with device_guard(hidden):
         run(TUNER.pick(key, candidates, run))

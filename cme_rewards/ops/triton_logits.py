@@ -1,8 +1,6 @@
-"""Launcher of the per-row logits kernel: checks, the CUDA device guard, tuning, one launch.
+"""Launcher of the per-row logits kernel (``logits_kernel``): checks, device guard, tuning.
 
-``triton_token_logprobs(logits [N, V], targets [N])`` reads each scored row of the logits once
-(``cme_rewards.ops.logits_kernel``) and returns per-token log-probs in nats. Its plain PyTorch
-counterpart with the same semantics is ``cme_rewards.ops.chunked.chunked_token_logprobs``.
+The plain PyTorch counterpart is ``cme_rewards.ops.chunked.chunked_token_logprobs``.
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ import torch
 
 from cme_rewards.ops.logits_kernel import token_logprobs_kernel
 from cme_rewards.ops.tl_autotune import KernelConfig, Tuner, logits_candidates
-from cme_rewards.ops.tl_utils import LOG2E, device_guard, n_bucket
+from cme_rewards.ops.tl_utils import DTYPES, LOG2E, device_guard, n_bucket
 
 TUNER = Tuner("logits")
 
@@ -25,20 +23,16 @@ def triton_token_logprobs(
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token log-probabilities (nats, float32 ``[N]``) of ``targets`` under ``logits / temperature``.
+    """Per-token log-probs (nats, float32 ``[N]``) of ``targets [N]`` under ``logits / temperature``.
 
-    Args:
-        logits: ``[N, V]`` bfloat16, float16 or float32; the last dim should be contiguous (a copy is
-            made otherwise); any row stride.
-        targets: ``[N]`` integer token ids. An id outside ``[0, V)`` gives NaN for its row (no
-            out-of-bounds read, no host synchronisation to check it).
-        temperature: positive divisor of the logits.
-        mask: optional ``[N]`` bool / integer; rows where it is 0 are not read and give 0.0.
+    ``logits [N, V]``: bf16 / fp16 / fp32, any row stride, last dim contiguous (else copied). A
+    target outside ``[0, V)`` gives NaN (no host sync). Rows where ``mask [N]`` (bool / integer)
+    is 0 are not read and give 0.0. Raises ``ValueError`` on bad shapes, dtypes or devices.
     """
     if logits.ndim != 2:
         raise ValueError(f"logits must be [N, V], got shape {list(logits.shape)}")
     n_rows, vocab = logits.shape
-    if logits.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    if logits.dtype not in DTYPES:
         raise ValueError(f"logits dtype must be bfloat16, float16 or float32, got {logits.dtype}")
     if targets.shape != (n_rows,) or targets.is_floating_point():
         raise ValueError(
@@ -65,38 +59,20 @@ def triton_token_logprobs(
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     align = 16 // logits.element_size()
-    args = (
-        logits,
-        targets,
-        targets if mask is None else mask,
-        out,
-        vocab,
-    )
-    strides = (
-        logits.stride(0),
-        targets.stride(0),
-        0 if mask is None else mask.stride(0),
-        1.0 / temperature,
-        LOG2E / temperature,
-    )
+    args = (logits, targets, targets if mask is None else mask, out, vocab)
+    strides = (logits.stride(0), targets.stride(0), 0 if mask is None else mask.stride(0))
+    scales = (1.0 / temperature, LOG2E / temperature)
     flags = {"HAS_MASK": mask is not None, "ALIGN": align}
 
     def run(config: KernelConfig) -> None:
         block = config.kwargs["BLOCK_V"]
         n_body = max(0, (vocab - align + 1) // block * block)
         token_logprobs_kernel[(n_rows,)](
-            *args, n_body, *strides, **flags, **config.kwargs, **config.launch_options()
+            *args, n_body, *strides, *scales, **flags, **config.kwargs, **config.launch_options()
         )
 
     aligned = logits.data_ptr() % 16 == 0 and (logits.stride(0) * logits.element_size()) % 16 == 0
-    key = (
-        str(logits.device),
-        logits.dtype,
-        vocab,
-        aligned,
-        mask is not None,
-        n_bucket(n_rows),
-    )
+    key = (str(logits.device), logits.dtype, vocab, aligned, mask is not None, n_bucket(n_rows))
     with device_guard(logits):
         run(TUNER.pick(key, logits_candidates(vocab), run))
     return out

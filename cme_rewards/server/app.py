@@ -1,22 +1,15 @@
 """The FastAPI app: ``POST /get_reward`` (OpenRLHF), ``POST /score`` (native), ``GET /health``, ``GET /metrics``.
 
-Every sample is submitted to one micro-batcher, so concurrent requests share verifier batches; each
-request gets its own results back. Failure policy: a sample that can never be scored answers 200
-with the floor reward (its error in ``results``, a 1 in ``extra_logs.failed``); overload and
-timeouts answer 503 with ``Retry-After`` so clients retry; a request that can never succeed (more
-samples than allowed, a bad field) gets a permanent 4xx naming the limit or field.
-
-Staying responsive: CPU work of a request (prompt recovery, tokenization) runs in worker threads,
-never on the event loop; ``request_timeout`` covers the whole request, from its headers to the
-answer; a request's samples enter the queue together or not at all, and leave it when the request
-ends early (timeout, or the client hung up), so they are never computed. Replies are ASCII JSON
-with finite numbers only: a lone surrogate echoed back in an ``id`` is written as its ``\\u``
-escape, and a non-finite number would be an error, never a silent ``null``.
+All samples go through one micro-batcher, so concurrent requests share verifier batches. A sample
+that can never be scored answers 200 with the floor reward (its error in ``results``); overload
+and timeouts answer 503 with ``Retry-After``; a request that can never succeed gets a 4xx naming
+the limit or field. CPU work runs in worker threads; replies are ASCII JSON with finite numbers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections import Counter
@@ -32,7 +25,7 @@ from fastapi.responses import JSONResponse
 from cme_rewards.batched_scorer import BatchedScorer, Sample
 from cme_rewards.batching import BatchLimits, Overloaded, TooManyItems
 from cme_rewards.openrlhf.protocol import PromptRecovery, openrlhf_reply
-from cme_rewards.results import CMEResult, Scorer, finish_groups, floored
+from cme_rewards.results import CMEResult, Scorer, finish_groups
 from cme_rewards.retry import is_transient
 from cme_rewards.server.metrics import Metrics
 from cme_rewards.server.options import ServerOptions
@@ -60,19 +53,6 @@ class AsciiJSONResponse(JSONResponse):
         ).encode()
 
 
-UNRECOVERED = "unrecovered"
-"""``prompt_sources`` key of OpenRLHF samples whose prompt could not be recovered at all."""
-
-
-def recovery_failure(prompt: str, exc: Exception) -> str:
-    """The ``error`` of a sample whose prompt recovery raised (it gets the floor reward)."""
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        return "undecodable text in prompt"
-    return f"prompt recovery failed: {type(exc).__name__}: {exc}"[:300]
-
-
 MAX_VALIDATION_ERRORS = 20
 """422 answers list at most this many problems (location, message, type; never the input)."""
 
@@ -88,11 +68,8 @@ class ServerConfig:
 def create_app(
     scorer: Scorer, recovery: PromptRecovery | None = None, config: ServerConfig | None = None
 ) -> FastAPI:
-    """The reward server around a loaded scorer (its batcher thread starts now).
-
-    ``recovery`` turns OpenRLHF's (query, prompt, label) into the verifier's prompt and response
-    (default: labels, else the templated prompt as it is).
-    """
+    """The reward server around a loaded scorer (its batcher thread starts now); ``recovery``
+    turns OpenRLHF's samples into the verifier's (default: :class:`PromptRecovery`)."""
     config = config or ServerConfig()
     opts = config.server
     # A request larger than the queue could never enter it: the smaller limit is the one that holds.
@@ -138,12 +115,11 @@ def create_app(
             )
 
     async def scored(prepare: Callable[[], list[Sample | CMEResult]]) -> list[CMEResult]:
-        """Run ``prepare`` in a worker thread, then score its samples (``RequestLifetime`` bounds
-        the whole request and cancels it when its client hangs up)."""
+        """Run ``prepare`` in a worker thread, then score the samples among its items."""
         try:
             items = await asyncio.to_thread(prepare)
-            todo = [i for i, item in enumerate(items) if isinstance(item, Sample)]
-            results = await batched.score_many_async([items[i] for i in todo])
+            samples = [item for item in items if isinstance(item, Sample)]
+            results = iter(await batched.score_many_async(samples))
         except TooManyItems as exc:
             metrics.record_error("too_many_samples")
             raise HTTPException(413, str(exc)) from None
@@ -154,10 +130,7 @@ def create_app(
                 "overloaded" if isinstance(exc, Overloaded) else type(exc).__name__
             )
             raise HTTPException(503, f"{type(exc).__name__}: {exc}"[:300], RETRY_AFTER) from None
-        out = list(items)
-        for i, result in zip(todo, results, strict=True):
-            out[i] = result
-        return out  # type: ignore[return-value]
+        return [next(results) if isinstance(item, Sample) else item for item in items]
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -175,24 +148,9 @@ def create_app(
         check_size(len(body.query))
         labels = body.labels if body.labels is not None else [None] * len(body.query)
         sources: Counter[str] = Counter()
-
-        def prepare() -> list[Sample | CMEResult]:
-            items: list[Sample | CMEResult] = []
-            for query, prompt, label in zip(body.query, body.prompts, labels, strict=True):
-                try:
-                    rec = recovery.recover(query, prompt, label)
-                except Exception as exc:  # e.g. a tokenizer refusing a lone surrogate
-                    sources[UNRECOVERED] += 1
-                    items.append(floored(recovery_failure(prompt, exc), scorer.options))
-                    continue
-                sources[rec.source] += 1
-                if rec.error is not None:
-                    items.append(floored(rec.error, scorer.options))
-                else:
-                    items.append(Sample(rec.prompt, rec.response))
-            return items
-
-        results = await scored(prepare)
+        results = await scored(
+            lambda: recovery.samples(body.query, body.prompts, labels, scorer.options, sources)
+        )
         metrics.record_samples(len(results), sum(r.error is not None for r in results), sources)
         return openrlhf_reply(results)
 
@@ -234,13 +192,7 @@ def create_app(
     async def get_metrics() -> dict[str, Any]:
         """Counters: requests, samples, tokens/s, queue depth, batch sizes, errors, latency."""
         snap = metrics.snapshot(batched.batcher.queue_depth, batched.batcher.busy)
-        snap["limits"] = {
-            "max_batch_tokens": config.limits.max_batch_tokens,
-            "max_batch_size": config.limits.max_batch_size,
-            "max_wait_ms": config.limits.max_wait_ms,
-            "max_queue": config.limits.max_queue,
-            "max_samples": max_samples,
-        }
+        snap["limits"] = {**dataclasses.asdict(config.limits), "max_samples": max_samples}
         return snap
 
     return app

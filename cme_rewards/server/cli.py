@@ -51,10 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
@@ -80,6 +78,11 @@ def parse_options(
     return scorer, limits, recovery, server
 
 
+def _error(message: str) -> int:
+    print(f"cme-rewards serve: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the server until SIGINT / SIGTERM (in-flight requests finish first). Returns 0, or 2."""
     parser = build_parser()
@@ -94,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         options, limits, recovery_options, server_options = parse_options(args)
     except OptionError as exc:
-        print(f"cme-rewards serve: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(str(exc))
     if not _is_loopback(args.host) and server_options.token is None:
         logger.warning("binding %r without a token: anyone who can reach it can use it", args.host)
 
@@ -108,19 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recovery = recovery_options.build()
     except Exception as exc:
-        print(
-            f"cme-rewards serve: error: --policy-tokenizer {recovery_options.policy_tokenizer!r}: "
-            f"{exc}",
-            file=sys.stderr,
-        )
-        return 2
+        return _error(f"--policy-tokenizer {recovery_options.policy_tokenizer!r}: {exc}")
     if (warning := recovery.startup_warning()) is not None:
         logger.warning("%s", warning)
     try:
         scorer = CMEScorer(options=options)
     except (OptionError, OSError) as exc:
-        print(f"cme-rewards serve: error: --verifier {options.verifier!r}: {exc}", file=sys.stderr)
-        return 2
+        return _error(f"--verifier {options.verifier!r}: {exc}")
     app = create_app(scorer, recovery, ServerConfig(limits=limits, server=server_options))
     logger.info(
         "serving %r on %r (device %s)",

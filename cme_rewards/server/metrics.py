@@ -40,10 +40,7 @@ def _percentile(sorted_values: list[float], q: float) -> float | None:
 
 
 class Metrics:
-    """Thread-safe server counters; rates over the last ``window_s`` seconds and since start.
-
-    Batches are recorded from the batcher's worker thread, requests from the event loop.
-    """
+    """Thread-safe server counters; rates over the last ``window_s`` seconds and since start."""
 
     def __init__(
         self, window_s: float = 60.0, latency_samples: int = 4096, routes: tuple[str, ...] = ()
@@ -81,12 +78,8 @@ class Metrics:
             self._trim(now)
 
     def record_request(self, path: str, status: int, seconds: float) -> None:
-        """One HTTP request finished with ``status`` after ``seconds``.
-
-        Counted by route: a path the server does not serve counts under ``OTHER_PATHS``, so a
-        client cannot grow the table (it holds at most ``len(routes) + 1`` keys); statuses and
-        error kinds come from the server's own small sets, never from the request.
-        """
+        """One HTTP request finished with ``status`` after ``seconds``. Unknown paths count under
+        ``OTHER_PATHS``, so a client cannot grow the tables."""
         route = path if path in self.routes else OTHER_PATHS
         with self._lock:
             self.requests[route] += 1

@@ -4,38 +4,27 @@ client hang-up), and per-request accounting."""
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from fastapi import HTTPException
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cme_rewards.server.metrics import CLIENT_CLOSED, Metrics
 
 TOKEN_ENV = "CME_REWARDS_TOKEN"
 """Environment variable holding the bearer token when ``--token`` is not given."""
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-
-async def _send_json(
-    send: Send, status: int, detail: str, extra: list[tuple[bytes, bytes]] = ()
-) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *extra,
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+def _reply(status: int, detail: str, **headers: str) -> JSONResponse:
+    """A JSON error answer ``{"detail": ...}``; ``retry_after="1"`` sets ``Retry-After: 1``."""
+    return JSONResponse(
+        {"detail": detail}, status, {k.replace("_", "-"): v for k, v in headers.items()}
+    )
 
 
 class TokenGuard:
@@ -70,18 +59,16 @@ class TokenGuard:
             and scope.get("path", "") not in self.open_paths
             and not secrets.compare_digest(self._given(scope), self.expected)
         ):
-            await _send_json(
-                send, 401, "missing or wrong bearer token", [(b"www-authenticate", b"Bearer")]
+            await _reply(401, "missing or wrong bearer token", www_authenticate="Bearer")(
+                scope, receive, send
             )
             return
         await self.app(scope, receive, send)
 
 
 class BodySizeLimit:
-    """ASGI middleware answering 413 to a request body over ``max_bytes``.
-
-    Checks ``Content-Length`` before reading, and counts the bytes of chunked bodies as they come.
-    """
+    """ASGI middleware answering 413 to a request body over ``max_bytes`` (by ``Content-Length``
+    before reading, and counting the bytes of chunked bodies as they come)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -94,7 +81,7 @@ class BodySizeLimit:
         detail = f"request body over {self.max_bytes} bytes"
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await _send_json(send, 413, detail)
+                await _reply(413, detail)(scope, receive, send)
                 return
         received = 0
 
@@ -114,15 +101,9 @@ class BodySizeLimit:
 class RequestLifetime:
     """ASGI middleware bounding a request's life: ``timeout`` seconds, and no longer than its client.
 
-    The rest of the app runs as a task, which is cancelled when
-
-    - ``timeout`` seconds have passed since the request's headers arrived (body upload, parsing,
-      prompt recovery, tokenization, queueing and scoring all count): the answer is 408 if the body
-      had not all arrived yet, else 503 with ``Retry-After`` (``on_timeout`` is called);
-    - the client hangs up after sending its body: nobody is left to answer.
-
-    Cancelling the task takes the request's waiting samples out of the micro-batch queue, so work
-    nobody waits for is never computed.
+    The app runs as a task, cancelled (so its waiting samples leave the queue) when the client hangs
+    up after its body, or ``timeout`` seconds after the headers: then the answer is 408 if the body
+    had not all arrived, else 503 with ``Retry-After`` (and ``on_timeout`` is called).
     """
 
     def __init__(
@@ -193,17 +174,16 @@ class RequestLifetime:
                     return  # a response is under way; the server closes the connection
                 if not body_done.is_set():
                     detail = f"request body not received within request_timeout={self.timeout:g} s"
-                    await _send_json(send, 408, detail, [(b"connection", b"close")])
+                    await _reply(408, detail, connection="close")(scope, receive, send)
                     return
                 if self.on_timeout is not None:
                     self.on_timeout()
                 detail = f"not scored within request_timeout={self.timeout:g} s"
-                await _send_json(send, 503, detail, [(b"retry-after", b"1")])
+                await _reply(503, detail, retry_after="1")(scope, receive, send)
                 return
         finally:
             for task in (watcher, handler):
-                if not task.done():
-                    task.cancel()
+                task.cancel()  # a no-op once done
 
 
 async def _cancel(task: asyncio.Future[Any]) -> None:
@@ -215,10 +195,8 @@ async def _cancel(task: asyncio.Future[Any]) -> None:
 
 
 class RequestAccounting:
-    """ASGI middleware recording every HTTP request's route, status and latency in ``metrics``.
-
-    A request that ends without a response (its client hung up first) counts as status 499.
-    """
+    """ASGI middleware recording every HTTP request's route, status and latency in ``metrics``
+    (a request its client left before the answer counts as status 499)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app

@@ -1,15 +1,9 @@
-"""veRL integration: the reward-loop reward manager ``cme``.
+"""veRL integration: the reward-loop reward manager ``cme`` (settings: ``reward.cme``).
 
-``pip install cme-rewards[verl]`` registers it through veRL's ``verl.plugins`` entry point (loaded on
-``import verl``), so ``reward.reward_manager.name=cme`` selects it with no change to veRL. Importing
-this package only registers the manager; no model is loaded until veRL builds the manager.
-Settings: the ``reward.cme`` block (:class:`CMESettings`, keys listed in
-``integrations/verl/README.md``).
-
-veRL logs a plugin that fails to import at DEBUG level only, so the trainer later says just
-"Unknown reward manager: cme". This package therefore logs the real import error itself, as a
-warning with its traceback, and :func:`cme_rewards.verl.status.plugin_status` (used by
-``cme-rewards doctor``) reports it; the names below then raise ``ImportError`` from it.
+``pip install cme-rewards[verl]`` registers it through veRL's ``verl.plugins`` entry point, so
+``reward.reward_manager.name=cme`` selects it. veRL logs a plugin's import error at DEBUG level
+only, so this package logs it as a warning (:func:`cme_rewards.verl.status.plugin_status` reports
+it too), and the names below then raise ``ImportError`` from it.
 """
 
 from __future__ import annotations
@@ -20,8 +14,7 @@ from typing import Any
 
 __all__ = ["EXTRA_INFO_KEYS", "CMERewardManager", "CMESettings", "CMESettingsError", "route_to_cme"]
 
-IMPORT_ERROR: BaseException | None = None
-"""Why the manager could not be imported (and so registered), or ``None``."""
+IMPORT_ERROR: BaseException | None = None  # why the manager could not be imported, or None
 IMPORT_TRACEBACK: str | None = None
 
 try:

@@ -1,39 +1,32 @@
 """The group-relative floor and the per-step ``cme/*`` metrics, across all of veRL's reward workers.
 
-veRL calls :meth:`CMERewardManager.run_single` once per sample, in ``reward.num_workers``
-``RewardLoopWorker`` actors on every node, and the members of one GRPO group (same ``uid``,
-``actor_rollout_ref.rollout.n`` samples) may reach different workers at different times. One named
-Ray actor per training run, :class:`GroupBoard` (no CPU reserved), sees every sample's result:
+The members of a GRPO group (same ``uid``, ``rollout.n`` samples) may reach different reward
+workers, so one named Ray actor per run, :class:`GroupBoard` (no CPU reserved), sees every result:
 
-- **Group floor.** A scored sample returns at once. A sample that cannot be scored waits until its
-  group's ``rollout.n`` members have reported (or ``reward.cme.group_wait_s`` passed) and then gets
-  the worst scored member's CME minus ``floor_margin``, so it ranks last without inflating the
-  group's std (:func:`cme_rewards.results.group_floor`); when no member was scored, or the wait
-  runs out, it gets the fixed floor (``floor``). The wait costs a training step nothing: the step
-  waits for the group's slowest sample anyway. A validation group with fewer members
-  (``val_kwargs.n`` < ``rollout.n``) waits out ``group_wait_s`` and gets the fixed floor.
-- **Per-step metrics.** veRL 0.9.1 aggregates ``reward_extra_info`` only in validation (training
-  writes it to the batch or TransferQueue and logs no aggregate of it), so the board does it: the
-  results of the first ``data.train_batch_size x rollout.n`` samples with the same ``global_steps``
-  (which veRL's v1 agent loop passes with every sample) make one step's
-  :func:`cme_rewards.results.batch_metrics` (``cme/mean``, ``cme/std``, ...), plus ``cme/<term>/mean``
-  for each combined reward, logged through veRL's own ``verl.utils.tracking.Tracking`` to the
-  backends in ``reward.cme.metrics_logger`` as the run ``<trainer.experiment_name>-cme``, with
-  ``step=global_steps``. Samples of that step after them (validation shares the step number) are
-  not counted.
+- **Group floor.** A sample that cannot be scored waits until its group has reported (at most
+  ``reward.cme.group_wait_s``; the step waits for its slowest sample anyway), then gets the worst
+  scored member's CME minus ``floor_margin`` (:func:`cme_rewards.results.group_floor`); with no
+  scored member, or after the wait (a validation group smaller than ``rollout.n``), the ``floor``.
+- **Per-step metrics.** veRL aggregates ``reward_extra_info`` only in validation, so the board
+  logs :func:`cme_rewards.results.batch_metrics` (plus ``cme/<term>/mean``) of the first
+  ``data.train_batch_size x rollout.n`` results of each ``global_steps`` (later ones, e.g.
+  validation's, are not counted) through veRL's ``Tracking`` to ``reward.cme.metrics_logger``, as
+  the run ``<trainer.experiment_name>-cme``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
-from cme_rewards.results import METRIC_PREFIX, CMEResult, batch_metrics
+from cme_rewards.results import METRIC_PREFIX, RESULT_FIELDS, CMEResult, batch_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -54,27 +47,19 @@ class _Step:
     terms: dict[str, list[float]] = field(default_factory=dict)
 
 
+@dataclass(kw_only=True)
 class GroupBoard:
     """See the module docstring. Used as an async Ray actor (:func:`get_group_board`)."""
 
-    def __init__(
-        self,
-        *,
-        margin: float,
-        step_size: int | None = None,
-        metrics_logger: Sequence[str] = (),
-        project: str = "cme_rewards",
-        experiment: str = "cme",
-    ) -> None:
-        self.margin = margin
-        self.step_size = step_size
-        self.metrics_logger = list(metrics_logger)
-        self.project = project
-        self.experiment = experiment
-        self.groups: dict[str, _Group] = {}
-        self.steps: dict[int, _Step] = {}
-        self.logged: dict[int, dict[str, float]] = {}
-        self._tracking: Any = None
+    margin: float
+    step_size: int | None = None
+    metrics_logger: Sequence[str] = ()
+    project: str = "cme_rewards"
+    experiment: str = "cme"
+    groups: dict[str, _Group] = field(default_factory=dict, init=False)
+    steps: dict[int, _Step] = field(default_factory=dict, init=False)
+    logged: set[int] = field(default_factory=set, init=False)  # steps already flushed
+    tracking: Any = field(default=None, init=False)
 
     async def settle(
         self,
@@ -116,20 +101,13 @@ class GroupBoard:
                 return None
         return min(group.scored) - self.margin if group.scored else None
 
-    def metrics(self) -> dict[int, dict[str, float]]:
-        """The metrics logged so far, by step."""
-        return dict(self.logged)
-
-    # -- internals ---------------------------------------------------------------------------------
-
     def _evict(self, wait_s: float) -> None:
         """Forget groups nobody has reported to for long (they will never complete)."""
         if len(self.groups) < 1024:
             return
         horizon = time.monotonic() - max(2 * wait_s, 600.0)
         for uid in [u for u, g in self.groups.items() if g.touched < horizon]:
-            self.groups[uid].done.set()
-            del self.groups[uid]
+            self.groups.pop(uid).done.set()
 
     def _record_step(
         self, step: int | None, result: dict[str, Any], terms: dict[str, float]
@@ -137,14 +115,7 @@ class GroupBoard:
         if step is None or step in self.logged:
             return
         bucket = self.steps.setdefault(step, _Step())
-        bucket.results.append(
-            CMEResult(
-                cme=float(result["cme"]),
-                n_tokens=int(result["n_tokens"]),
-                truncated=bool(result["truncated"]),
-                error=result.get("error"),
-            )
-        )
+        bucket.results.append(CMEResult(**{key: result.get(key) for key in RESULT_FIELDS}))
         for name, value in terms.items():
             bucket.terms.setdefault(name, []).append(float(value))
         if self.step_size is not None and len(bucket.results) >= self.step_size:
@@ -158,66 +129,42 @@ class GroupBoard:
         data = batch_metrics(bucket.results)
         for name, values in bucket.terms.items():
             data[f"{METRIC_PREFIX}{name}/mean"] = sum(values) / len(values)
-        self.logged[step] = data
-        if self.metrics_logger:
-            try:
-                self._tracker().log(data=data, step=step)
-            except Exception:  # noqa: BLE001 - metrics must never stop training
-                logger.exception("cme metrics for step %d could not be logged", step)
+        self.logged.add(step)
+        if not self.metrics_logger:
+            return
+        try:
+            if self.tracking is None:
+                from verl.utils.tracking import Tracking
 
-    def _tracker(self) -> Any:
-        if self._tracking is None:
-            from verl.utils.tracking import Tracking
-
-            path = os.environ.get("VERL_FILE_LOGGER_PATH")
-            if path:  # veRL's file logger truncates its file: write ours beside the trainer's
-                os.environ["VERL_FILE_LOGGER_PATH"] = f"{os.path.splitext(path)[0]}-cme.jsonl"
-            self._tracking = Tracking(
-                project_name=self.project,
-                experiment_name=f"{self.experiment}-cme",
-                default_backend=self.metrics_logger,
-            )
-        return self._tracking
+                path = os.environ.get("VERL_FILE_LOGGER_PATH")
+                if path:  # veRL's file logger truncates its file: write ours beside the trainer's
+                    os.environ["VERL_FILE_LOGGER_PATH"] = f"{os.path.splitext(path)[0]}-cme.jsonl"
+                self.tracking = Tracking(
+                    project_name=self.project,
+                    experiment_name=f"{self.experiment}-cme",
+                    default_backend=list(self.metrics_logger),
+                )
+            self.tracking.log(data=data, step=step)
+        except Exception:  # noqa: BLE001 - metrics must never stop training
+            logger.exception("cme metrics for step %d could not be logged", step)
 
 
-def get_group_board(
-    name: str,
-    *,
-    margin: float,
-    step_size: int | None,
-    metrics_logger: Sequence[str],
-    project: str,
-    experiment: str,
-) -> Any:
-    """The run's :class:`GroupBoard` actor ``name``, started on first use (no CPU reserved).
+def get_group_board(**kwargs: Any) -> Any:
+    """The run's :class:`GroupBoard` actor (``GroupBoard(**kwargs)``), started on first use.
 
     Outside Ray (a manager built by hand, as in unit tests) an in-process board stands in, with
     the same ``board.settle.remote(...)`` call.
     """
     import ray
 
-    kwargs = {
-        "margin": margin,
-        "step_size": step_size,
-        "metrics_logger": list(metrics_logger),
-        "project": project,
-        "experiment": experiment,
-    }
     if not ray.is_initialized():
-        return _InProcess(GroupBoard(**kwargs))
+        board = GroupBoard(**kwargs)
+        return SimpleNamespace(settle=SimpleNamespace(remote=board.settle))
+    key = hashlib.sha256(repr(sorted(kwargs.items())).encode()).hexdigest()[:12]
     return (
         ray.remote(GroupBoard)
-        .options(name=name, get_if_exists=True, num_cpus=0, max_concurrency=100_000)
+        .options(
+            name=f"{BOARD_PREFIX}_{key}", get_if_exists=True, num_cpus=0, max_concurrency=100_000
+        )
         .remote(**kwargs)
     )
-
-
-class _InProcess:
-    """``handle.method.remote(...)`` on a plain object: returns the method's coroutine."""
-
-    def __init__(self, obj: Any) -> None:
-        self._obj = obj
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._obj, name)
-        return type("_Method", (), {"remote": staticmethod(method)})

@@ -1,35 +1,24 @@
 """``CMERewardManager``: veRL's reward-loop reward manager named ``cme``.
 
-Selected with ``reward.reward_manager.name=cme``; configured by the ``reward.cme`` block (see
-:mod:`cme_rewards.verl.settings`). veRL creates one manager inside each of its ``reward.num_workers``
-``RewardLoopWorker`` Ray actors and calls :meth:`CMERewardManager.run_single` once per sample; the
-reward lands at the sample's last valid response token (veRL's ``assemble_rm_scores``).
-
-Per sample:
-
-- prompt: the raw chat messages (``non_tensor_batch["raw_prompt"]``, which veRL's ``RLHFDataset``
-  provides) rebuilt with the verifier's own chat template; without them, the prompt ids decoded
-  with the policy tokenizer (special tokens skipped) as one user message;
-- response: the valid response ids decoded with the policy tokenizer (special tokens skipped), then
-  re-tokenized with the verifier's tokenizer, so policy and verifier may come from different families;
-  in a multi-turn / tool conversation only the assistant's own turns are scored, each after the
-  conversation before it (:mod:`cme_rewards.verl.turns`);
-- the group floor: a sample that cannot be scored gets just below its group's worst scored member
-  (:mod:`cme_rewards.verl.board`), which also logs the per-step ``cme/*`` metrics;
-- the reward: ``cme_weight * cme`` plus the weighted ``combine_with`` terms
-  (:mod:`cme_rewards.verl.terms`);
-- ``reward_extra_info``: ``cme`` (nats), ``n_tokens``, ``truncated`` and ``error`` (``""`` when
-  none), then each combined term by name: the same keys for every sample, shown in veRL's logs.
+Selected with ``reward.reward_manager.name=cme``, configured by ``reward.cme``
+(:mod:`cme_rewards.verl.settings`). veRL calls :meth:`CMERewardManager.run_single` once per sample
+in each ``RewardLoopWorker``; the reward lands at the last valid response token. The prompt is
+``raw_prompt`` (chat messages, else the decoded prompt ids) in the verifier's chat template; the
+response is decoded with the policy tokenizer and re-tokenized by the verifier, scoring only the
+assistant's turns of a multi-turn conversation (:mod:`~cme_rewards.verl.turns`). An unscorable
+sample gets its group's floor (:mod:`~cme_rewards.verl.board`, which also logs the ``cme/*``
+metrics); the reward is ``cme_weight * cme`` plus the ``combine_with`` terms
+(:mod:`~cme_rewards.verl.terms`). ``reward_extra_info``: ``cme`` (nats), ``n_tokens``,
+``truncated``, ``error`` (``""`` when none), then each term by name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
-import hashlib
-import logging
-from collections.abc import Coroutine
+import functools
 from typing import Any
 
 from verl import DataProto
@@ -37,9 +26,11 @@ from verl.experimental.reward_loop.reward_manager import register
 from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 
 from cme_rewards.options import OptionError
-from cme_rewards.verl.settings import CMESettings, CMESettingsError, config_key
-
-logger = logging.getLogger(__name__)
+from cme_rewards.retry import is_transient, retry_async
+from cme_rewards.verl.board import get_group_board
+from cme_rewards.verl.settings import CMESettings, CMESettingsError, config_get, config_key
+from cme_rewards.verl.terms import build_terms, term_values
+from cme_rewards.verl.turns import assistant_turns, combine_turns, turns_for_verifier
 
 EXTRA_INFO_KEYS = ("cme", "n_tokens", "truncated", "error")
 """Keys of every sample's ``reward_extra_info`` (veRL takes the key set from the first sample),
@@ -50,31 +41,14 @@ ROUTE_FN_NAME = "route_to_cme"
 
 
 def route_to_cme(**_kwargs: Any) -> float:
-    """Placeholder for ``reward.custom_reward_function`` when veRL's reward model is enabled.
+    """A ``reward.custom_reward_function`` that routes samples to the ``cme`` manager; never called.
 
     With ``reward.reward_model.enable=true`` and no custom reward function, veRL's
-    ``RewardLoopWorker`` bypasses every reward manager (it scores with a discriminative reward
-    model). Naming this function (``reward.custom_reward_function.path=pkg://cme_rewards.verl``,
-    ``reward.custom_reward_function.name=route_to_cme``) routes samples to the ``cme`` manager,
-    which never calls it.
+    ``RewardLoopWorker`` bypasses every reward manager (it scores with a reward model).
     """
     raise RuntimeError(
         "route_to_cme only routes veRL to the cme reward manager; it is never called"
     )
-
-
-def _run_blocking(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run ``coro`` to completion from sync code, even where an event loop is already running."""
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
-
-
-def _cfg(config: Any, *keys: str) -> Any:
-    for key in keys:
-        if config is None:
-            return None
-        config = config.get(key) if hasattr(config, "get") else getattr(config, key, None)
-    return config
 
 
 def _scalar(value: Any) -> Any:
@@ -86,13 +60,9 @@ def _scalar(value: Any) -> Any:
 class CMERewardManager(RewardManagerBase):
     """Cross-Model Entropy reward for veRL's reward loop (see the module docstring).
 
-    Args (as veRL's ``load_reward_manager`` passes them):
-        config: the whole trainer config; ``reward.cme`` holds this manager's settings.
-        tokenizer: the policy's tokenizer.
-        compute_score: veRL's reward function slot: the ``compute_score`` term of
-            ``reward.cme.combine_with`` (CME itself does not use it).
-        reward_router_address: ``host:port`` of veRL's reward-model router, when enabled.
-        reward_model_tokenizer: the tokenizer of ``reward.reward_model.model_path``, when enabled.
+    veRL's ``load_reward_manager`` passes the whole trainer ``config``, the policy's ``tokenizer``,
+    ``compute_score`` (the ``compute_score`` term of ``reward.cme.combine_with``) and, with veRL's
+    reward model on, its router's ``host:port`` and the ``reward.reward_model.model_path`` tokenizer.
     """
 
     def __init__(
@@ -104,29 +74,33 @@ class CMERewardManager(RewardManagerBase):
         reward_model_tokenizer: Any = None,
     ) -> None:
         super().__init__(config, tokenizer, compute_score)
-        self.settings = CMESettings.from_verl_config(config)
+        self.settings = s = CMESettings.from_verl_config(config)
         self.reward_router_address = reward_router_address
-        self._check_routing(config)
-        self._check_metrics_logger()
-        from cme_rewards.verl.terms import build_terms
-
-        self.terms = build_terms(self.settings.verl.combine_with, compute_score, config)
-        self.group_size = int(_cfg(config, "actor_rollout_ref", "rollout", "n") or 1)
-        self._board = self._make_board(config)
+        self._check_config(config)
+        self.terms = build_terms(s.verl.combine_with, compute_score, config)
+        self.group_size = int(config_get(config, "actor_rollout_ref", "rollout", "n") or 1)
+        batch = config_get(config, "data", "train_batch_size")
+        self._board = get_group_board(
+            margin=s.scorer.floor_margin,
+            step_size=int(batch) * self.group_size if batch else None,
+            metrics_logger=tuple(s.verl.metrics_logger),
+            project=str(config_get(config, "trainer", "project_name") or "cme_rewards"),
+            experiment=str(config_get(config, "trainer", "experiment_name") or "cme"),
+        )
         self._actor = None
         self._remote = None
-        if self.settings.verl.backend == "local":
+        if s.verl.backend == "local":
             from cme_rewards.verl.verifier_actor import get_verifier_actor
 
-            self._actor = get_verifier_actor(self.settings)
+            self._actor = get_verifier_actor(s)
         else:
             self._remote = self._make_remote(reward_model_tokenizer)
 
-    # -- start-up --------------------------------------------------------------------------------
+    def _check_config(self, config: Any) -> None:
+        """Fail at start-up on veRL's routing trap (see :func:`route_to_cme`) or a bad logger."""
+        from verl.utils.tracking import Tracking
 
-    def _check_routing(self, config: Any) -> None:
-        """Fail at start-up on veRL's routing trap (see :func:`route_to_cme`)."""
-        if _cfg(config, "reward", "reward_model", "enable") and not _cfg(
+        if config_get(config, "reward", "reward_model", "enable") and not config_get(
             config, "reward", "custom_reward_function", "path"
         ):
             raise CMESettingsError(
@@ -135,10 +109,6 @@ class CMERewardManager(RewardManagerBase):
                 f"custom reward function is set; add reward.custom_reward_function.path={ROUTE_FN_PATH} "
                 f"reward.custom_reward_function.name={ROUTE_FN_NAME} to route samples to cme",
             )
-
-    def _check_metrics_logger(self) -> None:
-        from verl.utils.tracking import Tracking
-
         bad = [b for b in self.settings.verl.metrics_logger if b not in Tracking.supported_backend]
         if bad:
             raise CMESettingsError(
@@ -146,20 +116,6 @@ class CMERewardManager(RewardManagerBase):
                 f"{bad[0]!r} is not a veRL tracking backend; use any of "
                 f"{', '.join(Tracking.supported_backend)}",
             )
-
-    def _make_board(self, config: Any) -> Any:
-        from cme_rewards.verl.board import BOARD_PREFIX, get_group_board
-
-        batch = _cfg(config, "data", "train_batch_size")
-        kwargs = {
-            "margin": self.settings.scorer.floor_margin,
-            "step_size": int(batch) * self.group_size if batch else None,
-            "metrics_logger": tuple(self.settings.verl.metrics_logger),
-            "project": str(_cfg(config, "trainer", "project_name") or "cme_rewards"),
-            "experiment": str(_cfg(config, "trainer", "experiment_name") or "cme"),
-        }
-        key = hashlib.sha256(repr(sorted(kwargs.items())).encode()).hexdigest()[:12]
-        return get_group_board(f"{BOARD_PREFIX}_{key}", **kwargs)
 
     def _make_remote(self, reward_model_tokenizer: Any) -> Any:
         from cme_rewards.remote import load_verifier_tokenizer, make_remote_verifier
@@ -185,52 +141,42 @@ class CMERewardManager(RewardManagerBase):
                 config_key("verifier"),
                 "name the served verifier (its tokenizer builds the token ids)",
             )
+
+        async def check(remote: Any) -> None:
+            async with contextlib.aclosing(remote):
+                await remote.check()
+
         try:
             remote = make_remote_verifier(
                 s.verl.backend, tokenizer, s.scorer, dataclasses.replace(s.remote, url=url)
             )
-            _run_blocking(self._checked(remote))
+            # in a thread of its own: veRL may call this where an event loop is running
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                pool.submit(asyncio.run, check(remote)).result()
         except OptionError as exc:
             raise CMESettingsError(config_key(exc.option), exc.reason) from exc
         return remote
 
-    @staticmethod
-    async def _checked(remote: Any) -> None:
-        try:
-            await remote.check()
-        finally:
-            await remote.aclose()
-
-    # -- per sample ------------------------------------------------------------------------------
-
-    def _prompt(self, item: Any, mask: Any) -> Any:
+    def _prompt(self, item: Any) -> Any:
         raw = item.non_tensor_batch.get("raw_prompt")
         if raw is not None:
-            return [dict(m) for m in list(raw)]
+            return [dict(m) for m in raw]
         prompt_ids = item.batch["prompts"]
-        prompt_mask = mask[: prompt_ids.shape[-1]].bool()
+        prompt_mask = item.batch["attention_mask"][: prompt_ids.shape[-1]].bool()
         return self.tokenizer.decode(prompt_ids[prompt_mask], skip_special_tokens=True)
 
     def _response(self, item: Any) -> tuple[list[int], list[tuple[bool, str]] | None]:
         """The valid response ids and, for a multi-turn conversation, its turns (else ``None``)."""
-        from cme_rewards.verl.turns import conversation, segments_from_mask, segments_from_template
-
         response_ids = item.batch["responses"]
-        n = response_ids.shape[-1]
-        valid = int(item.batch["attention_mask"][-n:].sum())
+        valid = int(item.batch["attention_mask"][-response_ids.shape[-1] :].sum())
         ids = [int(t) for t in response_ids[:valid]]
         if "response_mask" in item.batch.keys():  # noqa: SIM118 - a TensorDict; veRL's mask
-            mask = item.batch["response_mask"][:valid]
-            if bool(mask.all()):
-                return ids, None
-            return ids, conversation(segments_from_mask(ids, mask.tolist()), self.tokenizer)
+            mask = item.batch["response_mask"][:valid].tolist()
+            return ids, assistant_turns(ids, self.tokenizer, mask)
         turns = _scalar(item.non_tensor_batch.get("__num_turns__"))
         if turns is None or int(turns) <= 2:  # the prompt and one assistant turn
             return ids, None
-        segments = segments_from_template(ids, self.tokenizer)
-        if sum(s.assistant for s in segments) <= 1 and all(s.assistant for s in segments):
-            return ids, None
-        return ids, conversation(segments, self.tokenizer)
+        return ids, assistant_turns(ids, self.tokenizer)
 
     async def _score(
         self, prompt: Any, response: str, turns: list[tuple[bool, str]] | None, uid: str | None
@@ -241,53 +187,39 @@ class CMERewardManager(RewardManagerBase):
             try:
                 if turns is None:
                     return (await self._remote.score(prompt, response, id=uid)).to_dict()
-                return (await self._remote_turns(prompt, turns, uid)).to_dict()
+                pairs = turns_for_verifier(self._remote.encode, prompt, turns)
+                results = await asyncio.gather(
+                    *(self._remote.score(p, r, id=uid, keep_token_logprobs=True) for p, r in pairs)
+                )
+                return combine_turns(results, self.settings.scorer, id=uid).to_dict()
             except RemoteVerifierUnavailable as exc:
                 raise RuntimeError(
                     f"cme remote verifier ({config_key('url')}) is down: {exc}"
                 ) from exc
-        from cme_rewards.retry import is_transient, retry_async
-
-        def transient(exc: BaseException) -> bool:
-            return is_transient(getattr(exc, "cause", None) or exc)  # Ray wraps the actor's error
-
-        def call() -> Any:
-            if turns is None:
-                return self._actor.score.remote(prompt, response, uid)
-            return self._actor.score_turns.remote(prompt, turns, uid)
-
+        if turns is None:
+            call = functools.partial(self._actor.score.remote, prompt, response, uid)
+        else:
+            call = functools.partial(self._actor.score_turns.remote, prompt, turns, uid)
         return await retry_async(
             call,
             what="cme verifier actor",
             tries=self.settings.remote.max_retries,
-            transient=transient,
+            # Ray wraps the actor's error
+            transient=lambda exc: is_transient(getattr(exc, "cause", None) or exc),
         )
-
-    async def _remote_turns(self, prompt: Any, turns: list[tuple[bool, str]], uid: str | None):
-        from cme_rewards.verl.turns import combine_turns, turns_for_verifier
-
-        pairs = turns_for_verifier(self._remote.encode, prompt, turns)
-        results = await asyncio.gather(
-            *(self._remote.score(p, r, id=uid, keep_token_logprobs=True) for p, r in pairs)
-        )
-        return combine_turns(results, self.settings.scorer, id=uid)
 
     async def run_single(self, data: DataProto) -> dict[str, Any]:
         """Score one sample (the last row of ``data``); returns veRL's ``reward_score`` dict."""
-        from cme_rewards.verl.terms import term_values, weighted
-
         item = data[-1:][0]
         ntb = item.non_tensor_batch
         uid = _scalar(ntb.get("uid"))
         uid = None if uid is None else str(uid)
         step = _scalar(ntb.get("global_steps"))
         step = int(step) if step is not None else None
-        mask = item.batch["attention_mask"]
         ids, turns = self._response(item)
         response = self.tokenizer.decode(ids, skip_special_tokens=True)
-        prompt = self._prompt(item, mask)
         result, values = await asyncio.gather(
-            self._score(prompt, response, turns, uid),
+            self._score(self._prompt(item), response, turns, uid),
             term_values(self.terms, item, response, len(ids), self.config, uid),
         )
         s = self.settings
@@ -302,5 +234,5 @@ class CMERewardManager(RewardManagerBase):
             "error": result["error"] or "",
             **values,
         }
-        reward = weighted(cme, s.verl.cme_weight, self.terms, values)
+        reward = s.verl.cme_weight * cme + sum(t.weight * values[t.name] for t in self.terms)
         return {"reward_score": reward, "reward_extra_info": info}

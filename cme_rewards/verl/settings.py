@@ -1,25 +1,18 @@
 """The ``cme`` reward manager's settings: the ``reward.cme`` block of the veRL config.
 
-veRL's ``RewardManagerConfig`` has no free-form slot and Hydra's struct mode rejects unknown keys,
-so the settings live in a block of their own, ``reward.cme``, beside veRL's ``reward.reward_manager``
-(as ``reward.sandbox_fusion`` and ``reward.reward_model`` do). The manager receives the whole config
-and reads the block from it. Its keys are generated from the package's option declarations:
-:class:`cme_rewards.options.ScorerOptions` (``verifier``, ``dtype``, ``max_length``, ...),
-:class:`cme_rewards.batching.BatchLimits` (``max_wait_ms``, ...),
-:class:`cme_rewards.remote.RemoteOptions` (``url``, ``model``, ``timeout_s``, ``max_retries``) and
-:class:`VerlOptions` (``backend``, ``num_gpus``, ``num_cpus``, the group floor's wait, combined
-rewards, per-step metrics). A wrong key or value raises :class:`CMESettingsError` naming
-``reward.cme.<key>``.
-
-``python -m cme_rewards.verl yaml`` prints the whole block with its defaults (what
-``integrations/verl/config/cme_grpo.yaml`` declares); ``python -m cme_rewards.verl table`` prints the
-Markdown tables of ``integrations/verl/README.md``. Tests check that both files agree with the declarations.
+Hydra's struct mode rejects unknown keys in veRL's ``reward.reward_manager``, so the settings have a
+block of their own, generated from :class:`cme_rewards.options.ScorerOptions`,
+:class:`cme_rewards.batching.BatchLimits`, :class:`cme_rewards.remote.RemoteOptions` and
+:class:`VerlOptions`; a wrong key or value raises :class:`CMESettingsError` naming
+``reward.cme.<key>``. ``python -m cme_rewards.verl yaml|table`` prints the block with its defaults
+(``integrations/verl/config/cme_grpo.yaml``) or its Markdown tables (``integrations/verl/README.md``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,15 +31,21 @@ from cme_rewards.options import (
 )
 from cme_rewards.remote import RemoteOptions
 
-CONFIG_PATH = "reward.cme"
-"""Where the settings live in the veRL config."""
-
-BACKENDS = ("local", "vllm", "sglang")
+CONFIG_PATH = "reward.cme"  # where the settings live in the veRL config
 
 
 def config_key(name: str) -> str:
     """The veRL spelling of an option: ``reward.cme.<name>``."""
     return f"{CONFIG_PATH}.{name}"
+
+
+def config_get(config: Any, *keys: str) -> Any:
+    """``config.<keys...>`` of a veRL config (``DictConfig``, mappings or objects), ``None`` if unset."""
+    for key in keys:
+        if config is None:
+            return None
+        config = config.get(key) if hasattr(config, "get") else getattr(config, key, None)
+    return config
 
 
 class CMESettingsError(OptionError):
@@ -61,7 +60,7 @@ class VerlOptions:
         "local",
         "local: one verifier actor per node; vllm / sglang: a served verifier (url, or veRL's "
         "reward-model router)",
-        choices=BACKENDS,
+        choices=("local", "vllm", "sglang"),
     )
     num_gpus: float = option(
         0.0,
@@ -97,7 +96,7 @@ class VerlOptions:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        names = [term_name(t) for t in self.combine_with]
+        names = [split_term(t)[2] for t in self.combine_with]
         clash = next((n for n in names if names.count(n) > 1 or n in RESERVED_TERM_NAMES), None)
         if clash is not None:
             raise OptionError(
@@ -109,26 +108,21 @@ RESERVED_TERM_NAMES = ("cme", "n_tokens", "truncated", "error")
 BUILTIN_TERMS = ("compute_score", "length_penalty")
 
 
-def split_term(term: str) -> tuple[float, str]:
-    """``(weight, name)`` of a ``combine_with`` entry ``[WEIGHT*]NAME``; ``ValueError`` if bad."""
+def split_term(term: str) -> tuple[float, str, str]:
+    """``(weight, NAME, logged name)`` of a ``combine_with`` entry ``[WEIGHT*]NAME``; ``ValueError``
+    if bad. A term is logged under its built-in name or its function's name."""
     weight_text, star, name = term.partition("*")
     if not star:
         weight_text, name = "1", term
     weight = float(weight_text)
-    if weight != weight or weight in (float("inf"), float("-inf")):
+    if not math.isfinite(weight):
         raise ValueError("weight must be finite")
     name = name.strip()
-    if name in BUILTIN_TERMS:
-        return weight, name
-    if ":" not in name.removeprefix("pkg://").removeprefix("file://") or name.endswith(":"):
+    if name not in BUILTIN_TERMS and (
+        ":" not in name.removeprefix("pkg://").removeprefix("file://") or name.endswith(":")
+    ):
         raise ValueError("unknown term")
-    return weight, name
-
-
-def term_name(term: str) -> str:
-    """The name a term is logged under: its built-in name or its function's name."""
-    name = split_term(term)[1]
-    return name if name in BUILTIN_TERMS else name.rsplit(":", 1)[1]
+    return weight, name, name if name in BUILTIN_TERMS else name.rsplit(":", 1)[1]
 
 
 def term_problem(term: str) -> str | None:
@@ -148,11 +142,8 @@ OPTION_CLASSES = (ScorerOptions, BatchLimits, RemoteOptions, VerlOptions)
 
 @dataclass(frozen=True)
 class CMESettings:
-    """Everything in ``reward.cme``, checked: the scorer's options, batch limits, remote, veRL.
-
-    ``verifier_given`` says whether ``reward.cme.verifier`` was set (a remote backend behind veRL's
-    own reward-model servers may take the tokenizer from ``reward.reward_model.model_path``).
-    """
+    """Everything in ``reward.cme``, checked. ``verifier_given``: ``reward.cme.verifier`` was set
+    (else a served verifier may take its tokenizer from ``reward.reward_model.model_path``)."""
 
     scorer: ScorerOptions = dataclasses.field(default_factory=ScorerOptions)
     batch: BatchLimits = dataclasses.field(default_factory=BatchLimits)
@@ -173,8 +164,7 @@ class CMESettings:
     @classmethod
     def from_verl_config(cls, config: Any) -> CMESettings:
         """Settings from a whole veRL config (``DictConfig`` or nested mappings)."""
-        reward = _get(config, "reward")
-        block = _get(reward, "cme") if reward is not None else None
+        block = config_get(config, "reward", "cme")
         try:
             from omegaconf import Container, OmegaConf
 
@@ -204,23 +194,11 @@ def default_block() -> dict[str, Any]:
     return out
 
 
-def _get(obj: Any, key: str) -> Any:
-    if obj is None:
-        return None
-    if isinstance(obj, Mapping):
-        return obj.get(key)
-    return getattr(obj, key, None)
-
-
 def options_table() -> str:
     """The Markdown tables of every ``reward.cme`` key (``integrations/verl/README.md``)."""
-    titles = {
-        ScorerOptions: "Scorer",
-        BatchLimits: "Local verifier batching",
-        RemoteOptions: "Served verifier (vllm / sglang)",
-        VerlOptions: "veRL only",
-    }
-    return "\n\n".join(f"**{titles[cls]}**\n\n{markdown_table(cls)}" for cls in OPTION_CLASSES)
+    titles = ("Scorer", "Local verifier batching", "Served verifier (vllm / sglang)", "veRL only")
+    tables = zip(titles, OPTION_CLASSES, strict=True)
+    return "\n\n".join(f"**{title}**\n\n{markdown_table(cls)}" for title, cls in tables)
 
 
 def yaml_block() -> str:

@@ -1,15 +1,12 @@
 """Whether ``import verl`` registers the ``cme`` reward manager, and if not, why (for the doctor).
 
-veRL loads the ``verl.plugins`` entry points at the end of ``import verl`` and logs a plugin that
-fails to import at DEBUG level only; the trainer then stops much later with "Unknown reward manager:
-cme". :func:`plugin_status` runs ``import verl`` in a fresh Python process (the way a trainer does,
-with this process's environment, ``VERL_USE_EXTERNAL_PLUGINS`` included) and reports the real cause.
+veRL logs a plugin that fails to import at DEBUG level only, and the trainer stops much later with
+"Unknown reward manager: cme"; :func:`plugin_status` finds the real cause.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -18,44 +15,35 @@ IMPORTLIB_FALLBACK = (
     "reward.reward_manager.module.path=pkg://cme_rewards.verl.manager "
     "reward.reward_manager.name=CMERewardManager"
 )
-"""veRL overrides that load the manager by module path: an import error then stops the trainer
-with its own traceback instead of "Unknown reward manager: cme"."""
+"""veRL overrides that load the manager by module path, so an import error stops the trainer."""
 
 _PROBE = r"""
 import json, os, sys, traceback
 from importlib.metadata import entry_points
 
-out = {"ok": False}
 eps = [ep for ep in entry_points(group="verl.plugins") if ep.name == "cme"]
-out["entry_point"] = eps[0].value if eps else None
+out = {"ok": False, "entry_point": eps[0].value if eps else None, "stage": "import verl"}
 out["policy"] = os.environ.get("VERL_USE_EXTERNAL_PLUGINS", "auto")
 try:
     import verl
-except Exception:
-    out["stage"] = "import verl"
-    out["traceback"] = traceback.format_exc()
-    print(json.dumps(out)); sys.exit(0)
-out["verl"] = getattr(verl, "__version__", "?")
-try:
+    out["verl"] = getattr(verl, "__version__", "?")
+    out["stage"] = "veRL's reward-manager registry"
     from verl.experimental.reward_loop.reward_manager.registry import REWARD_MANAGER
 except Exception:
-    out["stage"] = "veRL's reward-manager registry"
     out["traceback"] = traceback.format_exc()
     print(json.dumps(out)); sys.exit(0)
 cls = REWARD_MANAGER.get("cme")
+out["stage"] = "cme plugin"
 if cls is not None:
     out["ok"] = True
     out["cls"] = f"{cls.__module__}.{cls.__qualname__}"
 else:
-    plugin = sys.modules.get("cme_rewards.verl")
-    tb = getattr(plugin, "IMPORT_TRACEBACK", None)
+    tb = getattr(sys.modules.get("cme_rewards.verl"), "IMPORT_TRACEBACK", None)
     if tb is None:
         try:
             import cme_rewards.verl.manager  # noqa: F401
         except Exception:
             tb = traceback.format_exc()
-    out["stage"] = "cme plugin"
-    out["loaded"] = plugin is not None
     out["traceback"] = tb
 print(json.dumps(out))
 """
@@ -63,10 +51,9 @@ print(json.dumps(out))
 
 def plugin_status(timeout: float = 300.0) -> tuple[bool, str]:
     """``(True, what registered)`` when ``import verl`` registers the reward manager ``cme``, else
-    ``(False, why not)`` with the real import error and traceback, and what to do about it.
+    ``(False, why not)`` with the import error's traceback and what to do about it.
 
-    Runs ``import verl`` in a fresh interpreter (the current one, same environment), so the answer
-    is what a trainer process would see; it takes as long as ``import verl`` (seconds).
+    Runs ``import verl`` in a fresh interpreter with this environment, as a trainer would (seconds).
     """
     try:
         proc = subprocess.run(
@@ -74,7 +61,6 @@ def plugin_status(timeout: float = 300.0) -> tuple[bool, str]:
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=dict(os.environ),
         )
     except subprocess.TimeoutExpired:
         return False, f"`import verl` did not finish within {timeout:g} s"

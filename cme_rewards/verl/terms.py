@@ -1,20 +1,12 @@
-"""Rewards combined with CME in veRL, as TRL's ``reward_funcs`` / ``reward_weights`` combine them.
+"""Rewards combined with CME, as TRL's ``reward_funcs`` / ``reward_weights`` combine them.
 
-``reward.cme.combine_with`` lists terms ``[WEIGHT*]NAME``; the sample's reward is
-``cme_weight * cme + sum(WEIGHT * term)``, and each term's value is logged under its name in
-``reward_extra_info`` (and as ``cme/<name>/mean`` per training step). Terms:
-
-- ``compute_score``: the function veRL hands the reward manager: ``reward.custom_reward_function``
-  when set, else veRL's ``default_compute_score``, which picks a rule by ``data_source`` (math
-  correctness for ``openai/gsm8k``, ``lighteval/MATH``, ...), called as veRL's naive manager calls it;
-- ``length_penalty``: ``-(response tokens) / data.max_response_length`` (policy tokens), TRL's
-  :class:`cme_rewards.trl.LengthPenalty`;
-- ``pkg://module:function`` or ``path.py:function``: a function with veRL's ``compute_score``
-  signature (``data_source, solution_str, ground_truth, extra_info``), sync or async, loaded by
-  veRL's own loader.
-
-A term that returns a dict contributes its ``"score"``. A term that returns ``None`` or a non-finite
-number contributes 0 with a logged warning naming the sample, so the trainer never gets NaN.
+Each ``reward.cme.combine_with`` term ``[WEIGHT*]NAME`` adds ``WEIGHT * value`` to
+``cme_weight * cme`` and is logged by name in ``reward_extra_info`` (and as ``cme/<name>/mean``):
+``compute_score`` (veRL's ``reward.custom_reward_function``, else ``default_compute_score`` by
+``data_source``), ``length_penalty`` (``-(policy response tokens) / data.max_response_length``), or
+``pkg://module:function`` / ``path.py:function`` with veRL's ``compute_score`` signature (sync or
+async). A dict value contributes its ``"score"``; ``None`` or a non-finite value counts 0, with a
+warning naming the sample.
 """
 
 from __future__ import annotations
@@ -27,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cme_rewards.verl.settings import CMESettingsError, config_key, split_term, term_name
+from cme_rewards.verl.settings import CMESettingsError, config_get, config_key, split_term
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +35,13 @@ class Term:
 
 def build_terms(entries: tuple[str, ...], compute_score: Any, config: Any) -> list[Term]:
     """The terms of ``reward.cme.combine_with``; a bad one raises naming the key."""
-    from cme_rewards.verl.manager import ROUTE_FN_NAME, _cfg
+    from cme_rewards.verl.manager import ROUTE_FN_NAME
 
     terms = []
     for entry in entries:
-        weight, spec = split_term(entry)
-        name = term_name(entry)
+        weight, spec, name = split_term(entry)
         if spec == "length_penalty":
-            if not _cfg(config, "data", "max_response_length"):
+            if not config_get(config, "data", "max_response_length"):
                 raise CMESettingsError(
                     config_key("combine_with"), "length_penalty needs data.max_response_length"
                 )
@@ -60,7 +51,7 @@ def build_terms(entries: tuple[str, ...], compute_score: Any, config: Any) -> li
             fn = compute_score
             if fn is None:
                 from verl.utils.reward_score import default_compute_score as fn
-            inner = getattr(fn, "args", (None,))[0] if hasattr(fn, "args") else fn
+            inner = fn.args[0] if hasattr(fn, "args") else fn  # veRL may wrap it in a partial
             if getattr(inner, "__name__", "") == ROUTE_FN_NAME:
                 raise CMESettingsError(
                     config_key("combine_with"),
@@ -87,8 +78,6 @@ async def term_values(
     """Each term's value for one sample (the term's own scale, before its weight)."""
     if not terms:
         return {}
-    from cme_rewards.verl.manager import _cfg
-
     ntb = item.non_tensor_batch
     reward_model = ntb.get("reward_model")
     ground_truth = reward_model.get("ground_truth") if isinstance(reward_model, dict) else None
@@ -104,7 +93,7 @@ async def term_values(
 
     async def one(term: Term) -> float:
         if term.fn is None:
-            return -n_response_tokens / float(_cfg(config, "data", "max_response_length"))
+            return -n_response_tokens / float(config_get(config, "data", "max_response_length"))
         if inspect.iscoroutinefunction(term.fn) or inspect.iscoroutinefunction(
             getattr(term.fn, "func", None)
         ):
@@ -113,25 +102,19 @@ async def term_values(
             value = await loop.run_in_executor(None, lambda: term.fn(**kwargs))
         if isinstance(value, dict):
             value = value.get("score")
-        return _finite(value, term.name, uid)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if math.isfinite(number):
+            return number
+        logger.warning(
+            "reward term %r returned %r for sample %r: it counts 0 for this sample",
+            term.name,
+            value,
+            uid,
+        )
+        return 0.0
 
     values = await asyncio.gather(*(one(t) for t in terms))
     return {t.name: v for t, v in zip(terms, values, strict=True)}
-
-
-def _finite(value: Any, name: str, uid: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if math.isfinite(number):
-        return number
-    logger.warning(
-        "reward term %r returned %r for sample %r: it counts 0 for this sample", name, value, uid
-    )
-    return 0.0
-
-
-def weighted(cme: float, cme_weight: float, terms: list[Term], values: dict[str, float]) -> float:
-    """The sample's reward: ``cme_weight * cme + sum(weight * term)``."""
-    return cme_weight * cme + sum(t.weight * values[t.name] for t in terms)

@@ -1,27 +1,19 @@
 """Multi-turn and tool agent loops: score only the assistant's own tokens.
 
-veRL's agent loops put everything after the prompt into ``responses``: the assistant's generated
-tokens and, between its turns, tool observations (and the chat template's turn markers). veRL marks
-the generated tokens in ``response_mask`` (1 for LLM tokens, 0 for observations and padding), which
-the reward manager gets on the colocated path (``RewardLoopManager.compute_rm_score``); on the
-streaming path (``AgentLoopWorker._compute_score``, veRL's default) it gets the token ids without
-the mask, and the mask is rebuilt here from the policy's chat template: an assistant turn runs to
-its end-of-turn token, the observation after it runs to the template's assistant header
-(``add_generation_prompt``), then the next assistant turn starts.
-
-The conversation is then rebuilt for the verifier as chat messages: the prompt, then for each
-assistant turn ``k`` the verifier scores turn ``k``'s text as the response to the prompt followed by
-the earlier turns (``assistant`` messages) and observations (``tool`` messages, or ``user`` messages
-for a verifier whose chat template rejects the ``tool`` role), each rendered with the verifier's own
-chat template. :func:`combine_turns` makes one result of the turns' results: the token-weighted
-mean for ``reduction=mean`` and ``pmi``, the sum for ``sum`` and ``pmi_sum``, and any other
-reduction (``min_k``) over all turns' token log-probs.
+veRL puts everything after the prompt into ``responses``: the assistant's turns and, between them,
+tool observations. Its ``response_mask`` marks the assistant's tokens where the manager gets it;
+elsewhere the turns are rebuilt from the policy's chat template (an assistant turn runs to its
+end-of-turn token, the observation to the template's assistant header). The verifier then scores
+each assistant turn as the response to the conversation before it (observations as ``tool``
+messages, or ``user`` where its template rejects ``tool``), and :func:`combine_turns` reduces the
+turns to one result.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any
 
 from cme_rewards.formatting import GENERATOR_END_MARKERS, VerifierInput
@@ -42,14 +34,8 @@ class Segment:
 
 def segments_from_mask(ids: Sequence[int], mask: Sequence[int]) -> list[Segment]:
     """Runs of ``ids`` by ``mask`` (1: assistant token, 0: observation), in order."""
-    out: list[Segment] = []
-    for token, m in zip(ids, mask, strict=True):
-        flag = bool(m)
-        if out and out[-1].assistant == flag:
-            out[-1].ids.append(int(token))
-        else:
-            out.append(Segment(flag, [int(token)]))
-    return out
+    runs = groupby(zip(ids, mask, strict=True), key=lambda pair: bool(pair[1]))
+    return [Segment(flag, [int(token) for token, _ in run]) for flag, run in runs]
 
 
 def end_of_turn_ids(tokenizer: Any) -> set[int]:
@@ -74,34 +60,26 @@ def assistant_header_ids(tokenizer: Any) -> list[int]:
 
 def segments_from_template(ids: Sequence[int], tokenizer: Any) -> list[Segment]:
     """Rebuild veRL's response mask from the policy's chat template (see the module docstring)."""
+    ids = [int(t) for t in ids]
     ends = end_of_turn_ids(tokenizer)
     header = assistant_header_ids(tokenizer)
+    k = len(header)
     out: list[Segment] = []
     i, n = 0, len(ids)
     while i < n:
         start = i
-        while i < n and int(ids[i]) not in ends:
+        while i < n and ids[i] not in ends:
             i += 1
         i = min(i + 1, n)  # the end-of-turn token is the assistant's own
-        out.append(Segment(True, [int(t) for t in ids[start:i]]))
+        out.append(Segment(True, ids[start:i]))
         if i >= n:
             break
         start = i
-        found = _find(ids, header, i) if header else -1
-        if found < 0:  # no further assistant turn: the rest is observation (or padding)
-            out.append(Segment(False, [int(t) for t in ids[i:]]))
-            break
-        i = found + len(header)
-        out.append(Segment(False, [int(t) for t in ids[start:i]]))
+        # the observation runs to the end of the next assistant header, else to the end
+        headers = (j for j in range(i, n - k + 1) if ids[j : j + k] == header)
+        i = next(headers, n - k) + k if header else n
+        out.append(Segment(False, ids[start:i]))
     return out
-
-
-def _find(ids: Sequence[int], needle: list[int], start: int) -> int:
-    k = len(needle)
-    for j in range(start, len(ids) - k + 1):
-        if [int(t) for t in ids[j : j + k]] == needle:
-            return j
-    return -1
 
 
 def observation_text(tokenizer: Any, ids: list[int]) -> str:
@@ -114,12 +92,19 @@ def observation_text(tokenizer: Any, ids: list[int]) -> str:
     return "\n".join(lines).strip()
 
 
-def conversation(segments: list[Segment], tokenizer: Any) -> list[tuple[bool, str]]:
-    """``[(is_assistant, text)]`` of the segments, decoded with the policy tokenizer.
+def assistant_turns(
+    ids: list[int], tokenizer: Any, mask: Sequence[int] | None = None
+) -> list[tuple[bool, str]] | None:
+    """``[(is_assistant, text)]`` of a multi-turn response; ``None`` for one assistant turn.
 
-    Assistant text is decoded without special tokens, as a single-turn response is; observations
-    lose the template's role lines too (:func:`observation_text`).
+    The turns come from veRL's ``response_mask`` (``mask``), else from the chat template; their text
+    is decoded with the policy tokenizer as a single-turn response is (:func:`observation_text`).
     """
+    segments = (
+        segments_from_template(ids, tokenizer) if mask is None else segments_from_mask(ids, mask)
+    )
+    if all(seg.assistant for seg in segments):
+        return None
     out = []
     for seg in segments:
         if seg.assistant:
@@ -129,51 +114,46 @@ def conversation(segments: list[Segment], tokenizer: Any) -> list[tuple[bool, st
     return out
 
 
-def verifier_turns(
-    prompt: Any, turns: Sequence[tuple[bool, str]], *, tool_role: str = "tool"
-) -> list[tuple[Any, str]]:
-    """``[(prompt_k, assistant text k)]``: each assistant turn with the conversation before it.
-
-    ``prompt`` is the sample's prompt (chat messages, or text as one user message).
-    """
-    history: list[dict[str, str]] = (
-        [{"role": "user", "content": prompt}]
-        if isinstance(prompt, str)
-        else [dict(m) for m in prompt]
-    )
-    out: list[tuple[Any, str]] = []
-    for assistant, text in turns:
-        if assistant:
-            out.append((list(history), text))
-            history.append({"role": "assistant", "content": text})
-        elif out:
-            history.append({"role": tool_role, "content": text})
-    return out
-
-
 TEMPLATE_REJECTS = "the verifier's chat template rejects the prompt"
 
 
 def turns_for_verifier(
     encode: Any, prompt: Any, turns: Sequence[tuple[bool, str]]
 ) -> list[tuple[Any, str]]:
-    """:func:`verifier_turns` with ``tool`` messages, or ``user`` messages where the verifier's
-    chat template rejects the ``tool`` role (``encode(prompt, response)`` tells)."""
-    pairs = verifier_turns(prompt, turns)
+    """``[(prompt_k, assistant text k)]``: each assistant turn after the conversation before it,
+    observations as ``tool`` messages, or ``user`` messages where the verifier's chat template
+    rejects the ``tool`` role (``encode(prompt, response)`` tells)."""
+
+    def verifier_turns(tool_role: str) -> list[tuple[Any, str]]:
+        history: list[dict[str, str]] = (
+            [{"role": "user", "content": prompt}]
+            if isinstance(prompt, str)
+            else [dict(m) for m in prompt]
+        )
+        out: list[tuple[Any, str]] = []
+        for assistant, text in turns:
+            if assistant:
+                out.append((list(history), text))
+                history.append({"role": "assistant", "content": text})
+            elif out:
+                history.append({"role": tool_role, "content": text})
+        return out
+
+    pairs = verifier_turns("tool")
     if len(pairs) > 1:
         error = encode(*pairs[-1]).error
         if error is not None and error.startswith(TEMPLATE_REJECTS):
-            pairs = verifier_turns(prompt, turns, tool_role="user")
+            pairs = verifier_turns("user")
     return pairs
 
 
 def combine_turns(
     results: Sequence[CMEResult], options: ScorerOptions, *, id: str | None = None
 ) -> CMEResult:
-    """One result from the results of a conversation's assistant turns (see the module docstring).
+    """One result of a conversation's assistant turns: token-weighted mean for ``mean`` / ``pmi``,
+    sum for ``sum`` / ``pmi_sum``, else (``min_k``) over all turns' ``token_logprobs``.
 
-    Empty turns (a turn that is only an end-of-turn token) are skipped; any other turn that cannot
-    be scored floors the whole sample with its error. ``token_logprobs`` are needed for ``min_k``.
+    Empty turns (only an end-of-turn token) are skipped; any other unscorable turn floors the sample.
     """
     truncated = any(r.truncated for r in results)
     failed = [r.error for r in results if r.error is not None and r.error != "empty response"]
@@ -183,12 +163,9 @@ def combine_turns(
     if not scored:
         return floored("empty response", options, id=id, truncated=truncated)
     n = sum(r.n_tokens for r in scored)
-    if options.reduction in ("mean", "pmi"):
-        # mean over all turns' tokens (for pmi: of conditional minus unconditional log-probs)
-        value = sum(r.cme * r.n_tokens for r in scored) / n
-        return CMEResult(cme=value, n_tokens=n, truncated=truncated, error=None, id=id)
-    if options.reduction in ("sum", "pmi_sum"):  # sums over tokens: the turns' sums add up
-        value = sum(r.cme for r in scored)
+    mean = options.reduction in ("mean", "pmi")
+    if mean or options.reduction in ("sum", "pmi_sum"):
+        value = sum(r.cme * r.n_tokens for r in scored) / n if mean else sum(r.cme for r in scored)
         return CMEResult(cme=value, n_tokens=n, truncated=truncated, error=None, id=id)
     logprobs = [lp for r in scored for lp in (r.token_logprobs or [])]
     if len(logprobs) != n:

@@ -38,12 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not 0 < args.confidence_level < 1:
-        print("error: --confidence-level must be in (0, 1)", file=sys.stderr)
-        return 2
-    if args.n_resamples < 1 or args.lc_resamples < 0:
-        print("error: --n-resamples must be >= 1 and --lc-resamples >= 0", file=sys.stderr)
-        return 2
     from cme_rewards.winrate.load import load_judgments
     from cme_rewards.winrate.report import format_table, to_document
     from cme_rewards.winrate.stats import Settings, compare
@@ -56,14 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         bootstrap=not args.no_bootstrap,
     )
     try:
+        if not 0 < args.confidence_level < 1:
+            raise InputError("--confidence-level must be in (0, 1)")
+        if args.n_resamples < 1 or args.lc_resamples < 0:
+            raise InputError("--n-resamples must be >= 1 and --lc-resamples >= 0")
         judgments = load_judgments(args.results)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     results = compare(judgments, settings)
     if args.json:
-        json.dump(to_document(results, judgments, settings), sys.stdout, indent=2, allow_nan=False)
-        sys.stdout.write("\n")
+        print(json.dumps(to_document(results, judgments, settings), indent=2, allow_nan=False))
     else:
         print(format_table(results, judgments, settings))
     if args.plot:

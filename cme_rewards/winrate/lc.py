@@ -1,26 +1,18 @@
 """Length-controlled win rate: a logistic model of the judge's preference on the length difference.
 
-Model, fitted per (model, baseline, judge) by maximum likelihood with the preference ``q`` in [0, 1]
-as a soft target (cross-entropy, as AlpacaEval fits its GLM):
+Fitted per (model, baseline, judge) by maximum likelihood, the preference ``q`` in [0, 1] a soft
+target (as AlpacaEval fits its GLM): ``logit P(model wins | prompt i) = theta + phi *
+tanh(delta_i / sigma)``, with ``delta_i = len(output_model) - len(output_baseline)`` (characters) and
+``sigma`` its standard deviation over the prompts (ddof=1, fixed per group, also in the bootstrap).
+The LC win rate is ``100 * sigmoid(theta)``, the predicted rate at zero length difference.
 
-    logit P(model wins | prompt i) = theta + phi * tanh(delta_i / sigma)
+AlpacaEval's ``length_controlled_v1`` fits the same ``tanh`` term (with the opposite sign of
+``delta``) but adds an instruction-difficulty term fitted on the whole leaderboard, regularises
+toward "gamed" baselines and uses a cross-validated L1 penalty; this is the single-comparison
+version of the idea, not the published number (the tests measure how far apart they are).
 
-``delta_i`` is ``len(output_model) - len(output_baseline)`` in characters, ``sigma`` its standard
-deviation over the prompts (ddof=1, fixed once per group, also inside the bootstrap). The
-length-controlled win rate is ``100 * sigmoid(theta)``: the predicted win rate at zero length
-difference.
-
-Relation to AlpacaEval's LC (``length_controlled_v1``): AlpacaEval fits the same ``tanh`` length
-term (its ``delta`` is baseline minus model, so its coefficient has the opposite sign), but adds an
-instruction-difficulty term from a table fitted on the whole leaderboard, regularises toward "gamed"
-baselines, uses an L1 penalty chosen by cross-validation, and averages ``sigmoid(theta + gamma *
-difficulty_x)`` over instructions. Those parts are not shipped here, so our figure is the
-single-comparison version of the same idea, not the published number (see the tests for how far apart
-they are on the shared files).
-
-Prompts are the unit: each contributes ``s_i = sum of q`` over its ``c_i`` judgments, which is exact
-because all judgments of a prompt share its length difference. A ridge of ``1e-6 * sum(c)`` on
-``(theta, phi)`` keeps the fit finite when the data separate (e.g. the model always wins).
+Prompts are the unit: ``s_i`` sums ``q`` over the prompt's ``c_i`` judgments (exact, as they share
+its length difference). A ridge of ``1e-6 * sum(c)`` keeps the fit finite on separated data.
 """
 
 from __future__ import annotations
@@ -41,10 +33,7 @@ def length_feature(len_diff: np.ndarray) -> np.ndarray:
 
 
 def fit_logistic(
-    s: np.ndarray,
-    c: np.ndarray,
-    x: np.ndarray,
-    start: tuple[float, float] = (0.0, 0.0),
+    s: np.ndarray, c: np.ndarray, x: np.ndarray, start: tuple[float, float] = (0.0, 0.0)
 ) -> tuple[np.ndarray, np.ndarray]:
     """Newton fit of ``logit p = theta + phi * x`` to soft counts, vectorised over leading axes.
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -26,6 +27,8 @@ WINNER_SCORES = {"model": 1.0, "baseline": 0.0, "tie": 0.5}
 ORDERS = ("model_first", "baseline_first")
 DROP_NAN = "nan_preference"
 DROP_ERROR = "judge_error"
+_WHITESPACE = re.compile(r"[ \t\r\n]*")
+_DECODER = json.JSONDecoder()
 UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 """Unicode categories not allowed in a name (model, baseline, judge): controls, format marks such
 as right-to-left overrides, lone surrogates, line and paragraph separators. Names are printed in
@@ -66,7 +69,7 @@ class Judgments:
         self.files.extend(other.files)
 
 
-class _BadField(ValueError):
+class BadField(ValueError):
     """A field holds a value we cannot use; the caller adds file and line."""
 
     def __init__(self, field_name: str, message: str):
@@ -81,19 +84,17 @@ def parse_preference(value: Any, field_name: str = "preference") -> float:
     if value is None:
         return math.nan
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise _BadField(field_name, f"expected a number in [1, 2], got {_short(value)}")
+        raise BadField(field_name, f"expected a number in [1, 2], got {_short(value)}")
     try:
         p = float(value.strip()) if isinstance(value, str) else float(value)
     except (ValueError, OverflowError):
-        raise _BadField(field_name, f"not a number in [1, 2]: {_short(value)}") from None
+        raise BadField(field_name, f"not a number in [1, 2]: {_short(value)}") from None
     if math.isnan(p):
         return math.nan
     if p == 0.0:
         return 1.5
     if not 1.0 <= p <= 2.0:
-        raise _BadField(
-            field_name, f"{_short(value)} is outside [1, 2] (2 = model wins, 1.5 = tie)"
-        )
+        raise BadField(field_name, f"{_short(value)} is outside [1, 2] (2 = model wins, 1.5 = tie)")
     return p
 
 
@@ -101,23 +102,24 @@ def _discrete_from_preference(p: float) -> float:
     return 1.0 if p > 1.5 else 0.0 if p < 1.5 else 0.5
 
 
-def _text(record: dict, name: str, *, required: bool = True) -> str | None:
+def text_field(record: dict, name: str, *, required: bool = True) -> str | None:
+    """The string in ``record[name]``, None if absent and not ``required``; else :class:`BadField`."""
     value = record.get(name)
     if value is None:
         if required:
-            raise _BadField(name, "missing")
+            raise BadField(name, "missing")
         return None
     if not isinstance(value, str):
-        raise _BadField(name, f"expected a string, got {type(value).__name__}")
+        raise BadField(name, f"expected a string, got {type(value).__name__}")
     return value
 
 
 def _name(record: dict, name: str, *, required: bool = True) -> str | None:
     """A text field that names something (printed in tables): no unprintable characters."""
-    value = _text(record, name, required=required)
+    value = text_field(record, name, required=required)
     for ch in value or "":
         if unicodedata.category(ch) in UNPRINTABLE:
-            raise _BadField(name, f"contains the unprintable character {ch!r} in {_short(value)}")
+            raise BadField(name, f"contains the unprintable character {ch!r} in {_short(value)}")
     return value
 
 
@@ -128,8 +130,18 @@ def _short(value: Any, limit: int = 80) -> str:
 
 
 def _length(record: dict, name: str) -> int | None:
-    text = _text(record, name, required=False)
+    text = text_field(record, name, required=False)
     return None if text is None else len(text)
+
+
+def _choice(record: dict, name: str, allowed: tuple[str, ...], noun: str) -> str | None:
+    """The field's value if it is one of ``allowed``, None if absent."""
+    value = record.get(name)
+    if value is not None and (not isinstance(value, str) or value not in allowed):
+        raise BadField(
+            name, f"unknown {noun} {_short(value)} (expected one of {', '.join(allowed)})"
+        )
+    return value
 
 
 def _judge_error(record: dict) -> bool:
@@ -138,35 +150,29 @@ def _judge_error(record: dict) -> bool:
     if error is None or error is False or error == "":
         return False
     if not isinstance(error, str):
-        raise _BadField("error", f"expected a string or null, got {_short(error)}")
+        raise BadField("error", f"expected a string or null, got {_short(error)}")
     return True
 
 
 def judgment_from_record(record: Any) -> Judgment | tuple[str, str, str, str]:
     """Judgment JSONL record -> :class:`Judgment`, or a drop key ``(model, baseline, judge, reason)``."""
     if not isinstance(record, dict):
-        raise _BadField("<line>", f"expected a JSON object, got {type(record).__name__}")
+        raise BadField("<line>", f"expected a JSON object, got {type(record).__name__}")
     model = _name(record, "model")
     baseline = _name(record, "baseline")
     judge = _name(record, "judge", required=False) or "judge"
-    prompt = _text(record, "id", required=False) or _text(record, "instruction", required=False)
+    prompt = text_field(record, "id", required=False) or text_field(
+        record, "instruction", required=False
+    )
     if prompt is None:
-        raise _BadField("id", "missing (and no 'instruction' to fall back on)")
+        raise BadField("id", "missing (and no 'instruction' to fall back on)")
     if _judge_error(record):
         return (model, baseline, judge, DROP_ERROR)
-    order = record.get("order")
-    if order is not None and order not in ORDERS:
-        raise _BadField(
-            "order", f"unknown value {_short(order)} (expected one of {', '.join(ORDERS)})"
-        )
-    winner = record.get("winner")
-    if winner is not None and (not isinstance(winner, str) or winner not in WINNER_SCORES):
-        raise _BadField(
-            "winner", f"unknown label {_short(winner)} (expected one of {', '.join(WINNER_SCORES)})"
-        )
+    order = _choice(record, "order", ORDERS, "value")
+    winner = _choice(record, "winner", tuple(WINNER_SCORES), "label")
     has_pref = record.get("preference") is not None
     if winner is None and not has_pref:
-        raise _BadField("winner", "neither 'winner' nor 'preference' given (and no 'error')")
+        raise BadField("winner", "neither 'winner' nor 'preference' given (and no 'error')")
     if has_pref:
         p = parse_preference(record["preference"])
         if math.isnan(p):
@@ -192,13 +198,13 @@ def judgment_from_record(record: Any) -> Judgment | tuple[str, str, str, str]:
 def judgment_from_annotation(record: Any) -> Judgment | tuple[str, str, str, str]:
     """AlpacaEval annotation (``output_1``/``generator_1`` = baseline, ``_2`` = model) -> Judgment."""
     if not isinstance(record, dict):
-        raise _BadField("<record>", f"expected a JSON object, got {type(record).__name__}")
+        raise BadField("<record>", f"expected a JSON object, got {type(record).__name__}")
     baseline = _name(record, "generator_1")
     model = _name(record, "generator_2")
     judge = _name(record, "annotator", required=False) or "alpaca_eval"
-    prompt = _text(record, "instruction")
+    prompt = text_field(record, "instruction")
     if "preference" not in record:
-        raise _BadField("preference", "missing")
+        raise BadField("preference", "missing")
     p = parse_preference(record["preference"])
     if math.isnan(p):
         return (model, baseline, judge, DROP_NAN)
@@ -225,29 +231,22 @@ def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
         raise InputError(
             f"{shown(path)}:{line}: not valid UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})"
         ) from None
-    decoder = json.JSONDecoder()
-    pos, line, n = 0, 1, len(text)
 
     def skip_ws(i: int) -> int:
-        while i < n and text[i] in " \t\r\n":
-            i += 1
-        return i
+        return _WHITESPACE.match(text, i).end()
 
     def fail(msg: str, at: int) -> InputError:
         return InputError(f"{shown(path)}:{text.count(chr(10), 0, at) + 1}: {msg}")
 
-    pos = skip_ws(pos)
-    if pos >= n or text[pos] != "[":
+    pos = skip_ws(0)
+    if not text.startswith("[", pos):
         raise fail("expected a JSON array of AlpacaEval annotations", pos)
     pos = skip_ws(pos + 1)
-    if pos < n and text[pos] == "]":
-        if skip_ws(pos + 1) < n:
-            raise fail("unexpected text after the JSON array", skip_ws(pos + 1))
-        return
-    last = 0
-    while True:
+    line, last = 1, 0
+    closed = text.startswith("]", pos)
+    while not closed:
         try:
-            value, end = decoder.raw_decode(text, pos)
+            value, end = _DECODER.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             raise fail(f"malformed JSON: {exc.msg}", exc.pos) from None
         except RecursionError:
@@ -258,40 +257,37 @@ def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
         last = pos
         yield line, value
         pos = skip_ws(end)
-        if pos < n and text[pos] == ",":
+        closed = text.startswith("]", pos)
+        if not closed:
+            if not text.startswith(",", pos):
+                raise fail("malformed JSON: expected ',' or ']'", pos)
             pos = skip_ws(pos + 1)
-        elif pos < n and text[pos] == "]":
-            rest = skip_ws(pos + 1)
-            if rest < n:
-                raise fail("unexpected text after the JSON array", rest)
-            return
-        else:
-            raise fail("malformed JSON: expected ',' or ']'", pos)
+    if skip_ws(pos + 1) < len(text):
+        raise fail("unexpected text after the JSON array", skip_ws(pos + 1))
 
 
-def _is_json_array(path: Path) -> bool:
+def read_records(path: Path) -> tuple[bool, Iterable[tuple[int, Any]]]:
+    """``(annotations, items)``: whether ``path`` is a JSON array (AlpacaEval annotations, else
+    judgment JSONL), and its ``(line_number, record)`` pairs. Raises :class:`InputError`."""
+    if not path.is_file():
+        raise InputError(f"{shown(path)}: no such file")
     with path.open("rb") as f:
-        head = f.read(4096).lstrip()
-    return head.startswith(b"[")
+        if f.read(4096).lstrip().startswith(b"["):
+            return True, _iter_json_array(path)
+    return False, read_jsonl(path, allow_nan=True)  # a NaN preference is dropped and counted
 
 
 def load_file(path: str | Path) -> Judgments:
     """Read one file: a JSON array is taken as AlpacaEval annotations, anything else as JSONL."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{shown(path)}: no such file")
+    annotations, items = read_records(path)
     out = Judgments(files=[str(path)])
-    if _is_json_array(path):
-        items: Iterable[tuple[int, Any]] = _iter_json_array(path)
-        convert, where = judgment_from_annotation, "record"
-    else:
-        items = read_jsonl(path, allow_nan=True)  # a NaN preference is dropped and counted
-        convert, where = judgment_from_record, "line"
+    convert = judgment_from_annotation if annotations else judgment_from_record
     for index, (line, record) in enumerate(items, start=1):
         try:
             result = convert(record)
-        except _BadField as exc:
-            label = f"line {line}" if where == "line" else f"line {line} (record {index})"
+        except BadField as exc:
+            label = f"line {line} (record {index})" if annotations else f"line {line}"
             raise InputError(f"{shown(path)}: {label}: {exc}") from None
         if isinstance(result, Judgment):
             out.rows.append(result)
@@ -306,15 +302,11 @@ def load_judgments(paths: Iterable[str | Path]) -> Judgments:
     for path in paths:
         out.extend(load_file(path))
     if not out.rows:
-        dropped = sum(out.dropped.values())
-        detail = f" ({dropped} rows dropped: {dict(_reasons(out.dropped))})" if dropped else ""
+        reasons: Counter = Counter()
+        for (_, _, _, reason), n in out.dropped.items():
+            reasons[reason] += n
+        dropped = sum(reasons.values())
+        detail = f" ({dropped} rows dropped: {dict(reasons)})" if dropped else ""
         files = ", ".join(map(shown, out.files)) or "the input"
         raise InputError(f"no usable judgments in {files}{detail}")
     return out
-
-
-def _reasons(dropped: Counter) -> Counter:
-    reasons: Counter = Counter()
-    for (_, _, _, reason), n in dropped.items():
-        reasons[reason] += n
-    return reasons

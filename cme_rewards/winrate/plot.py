@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cme_rewards.plotting import pyplot
 from cme_rewards.winrate.results import ComparisonResult
@@ -43,8 +44,13 @@ def forest_plot(
     ax.legend(loc="best", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
+    save_figure(plt, fig, path, dpi=120)
+
+
+def save_figure(plt: Any, fig: Any, path: str | Path, dpi: int) -> None:
+    """Write ``fig`` as a PNG to a temporary file beside ``path``, rename it into place, close it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     tmp.replace(path)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cme_rewards.winrate.load import Judgments
@@ -23,12 +23,54 @@ def _p(p: float) -> str:
     return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
 
 
-def _table(header: Sequence[str], rows: list[list[str]]) -> list[str]:
+def _sign(r: ComparisonResult) -> str:
+    st = r.sign_test
+    return "-" if st is None else f"{st.n_model}/{st.n_baseline}/{st.n_tied}"
+
+
+def _position(r: ComparisonResult, name: str) -> str:
+    """A position-bias figure: the pair count as is, percentages to one decimal."""
+    if r.position is None:
+        return "-"
+    value = getattr(r.position, name)
+    return str(value) if name == "n_pairs" else _f(value, 1)
+
+
+_RATES: list[tuple[str, Callable[[ComparisonResult], str]]] = [
+    ("model", lambda r: r.model),
+    ("judge", lambda r: r.judge),
+    ("prompts", lambda r: str(r.n_prompts)),
+    ("W/L/T", lambda r: f"{r.n_wins}/{r.n_wins_base}/{r.n_draws}"),
+    ("tie-adj", lambda r: _f(r.discrete_win_rate)),
+    ("tie-adj BCa", lambda r: _ci(r.tie_adjusted.confidence_interval)),
+    ("mean-pref", lambda r: _f(r.win_rate)),
+    ("SE", lambda r: _f(r.standard_error)),
+    ("pref normal", lambda r: _ci(r.mean_preference.normal_interval)),
+    ("pref BCa", lambda r: _ci(r.mean_preference.confidence_interval)),
+    ("LC", lambda r: _f(r.length_controlled.statistic) if r.length_controlled else "-"),
+    ("LC interval", lambda r: _ci(r.length_controlled and r.length_controlled.confidence_interval)),
+]
+_DIAGNOSTICS: list[tuple[str, Callable[[ComparisonResult], str]]] = [
+    ("model", lambda r: r.model),
+    ("judge", lambda r: r.judge),
+    ("sign W/L/T", _sign),
+    ("sign p", lambda r: "-" if r.sign_test is None else _p(r.sign_test.pvalue)),
+    ("both-order pairs", lambda r: _position(r, "n_pairs")),
+    ("consistent", lambda r: _position(r, "consistency")),
+    ("1st-pos win", lambda r: _position(r, "first_position_win_rate")),
+    ("len coef", lambda r: _f(r.length_coefficient)),
+    ("dropped", lambda r: ", ".join(f"{k}={v}" for k, v in sorted(r.dropped.items())) or "0"),
+]
+
+
+def _table(columns: list[tuple[str, Callable]], results: list[ComparisonResult]) -> list[str]:
+    """Two columns left-aligned, the rest right-aligned, then a blank line."""
+    header = [name for name, _ in columns]
+    rows = [[get(r) for _, get in columns] for r in results]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
     lines = [fmt.format(*header), "  ".join("-" * w for w in widths)]
-    lines += [fmt.format(*r) for r in rows]
-    return lines
+    return [*lines, *(fmt.format(*r) for r in rows), ""]
 
 
 def format_table(
@@ -39,55 +81,15 @@ def format_table(
     by_baseline: dict[str, list[ComparisonResult]] = defaultdict(list)
     for r in results:
         by_baseline[r.baseline].append(r)
+    boot = (
+        f"bootstrap over prompts, {settings.n_resamples:,} resamples, seed {settings.seed}"
+        if settings.bootstrap
+        else "no bootstrap"
+    )
     out: list[str] = []
     for baseline, rs in by_baseline.items():
-        boot = (
-            f"bootstrap over prompts, {settings.n_resamples:,} resamples, seed {settings.seed}"
-            if settings.bootstrap
-            else "no bootstrap"
-        )
         out.append(f"Against baseline {baseline!r} (rates in %, {level} intervals; {boot})")
-        rows = [
-            [
-                r.model,
-                r.judge,
-                str(r.n_prompts),
-                f"{r.n_wins}/{r.n_wins_base}/{r.n_draws}",
-                _f(r.discrete_win_rate),
-                _ci(r.tie_adjusted.confidence_interval),
-                _f(r.win_rate),
-                _f(r.standard_error),
-                _ci(r.mean_preference.normal_interval),
-                _ci(r.mean_preference.confidence_interval),
-                _f(r.length_controlled.statistic) if r.length_controlled else "-",
-                _ci(r.length_controlled.confidence_interval) if r.length_controlled else "-",
-            ]
-            for r in rs
-        ]
-        header = ["model", "judge", "prompts", "W/L/T", "tie-adj", "tie-adj BCa", "mean-pref",
-                  "SE", "pref normal", "pref BCa", "LC", "LC interval"]  # fmt: skip
-        out += _table(header, rows)
-        out.append("")
-        diag = []
-        for r in rs:
-            st, pos = r.sign_test, r.position
-            diag.append(
-                [
-                    r.model,
-                    r.judge,
-                    "-" if st is None else f"{st.n_model}/{st.n_baseline}/{st.n_tied}",
-                    "-" if st is None else _p(st.pvalue),
-                    "-" if pos is None else str(pos.n_pairs),
-                    "-" if pos is None else _f(pos.consistency, 1),
-                    "-" if pos is None else _f(pos.first_position_win_rate, 1),
-                    _f(r.length_coefficient),
-                    ", ".join(f"{k}={v}" for k, v in sorted(r.dropped.items())) or "0",
-                ]
-            )
-        header = ["model", "judge", "sign W/L/T", "sign p", "both-order pairs", "consistent",
-                  "1st-pos win", "len coef", "dropped"]  # fmt: skip
-        out += _table(header, diag)
-        out.append("")
+        out += _table(_RATES, rs) + _table(_DIAGNOSTICS, rs)
     out.append(
         "tie-adj = (W + T/2)/N; mean-pref = mean P(model wins), SE = AlpacaEval's (judgments as "
         "independent); normal = mean-pref +- z*SE; BCa = cluster bootstrap over prompts; LC = "

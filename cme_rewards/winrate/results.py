@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, NamedTuple
 
 
@@ -19,12 +19,30 @@ def _num(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def _ci(ci: ConfidenceInterval | None) -> list[float | None] | None:
-    return None if ci is None else [_num(ci.low), _num(ci.high)]
+def _plain(value: Any) -> Any:
+    """JSON-ready copy: non-finite floats become None, intervals ``[low, high]``, dataclasses dicts."""
+    if isinstance(value, ConfidenceInterval):
+        return [_num(value.low), _num(value.high)]
+    if isinstance(value, float):
+        return _num(value)
+    if is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+class ToDict:
+    """Gives a result dataclass ``to_dict()``: its fields in order, JSON-ready (see :func:`_plain`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(self)
 
 
 @dataclass(frozen=True)
-class Estimate:
+class Estimate(ToDict):
     """A rate (percent) with its uncertainty.
 
     ``confidence_interval`` is the primary interval named by ``method`` (BCa bootstrap over prompts,
@@ -40,19 +58,9 @@ class Estimate:
     percentile_interval: ConfidenceInterval | None = None
     normal_interval: ConfidenceInterval | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "statistic": _num(self.statistic),
-            "confidence_interval": _ci(self.confidence_interval),
-            "standard_error": _num(self.standard_error),
-            "method": self.method,
-            "percentile_interval": _ci(self.percentile_interval),
-            "normal_interval": _ci(self.normal_interval),
-        }
-
 
 @dataclass(frozen=True)
-class SignTestResult:
+class SignTestResult(ToDict):
     """Exact two-sided sign test on per-prompt outcomes (prompts netting to a tie excluded).
 
     ``statistic``: percent of decided prompts the model wins; ``confidence_interval``: exact
@@ -66,19 +74,9 @@ class SignTestResult:
     n_baseline: int
     n_tied: int
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "statistic": _num(self.statistic),
-            "pvalue": _num(self.pvalue),
-            "confidence_interval": _ci(self.confidence_interval),
-            "n_model": self.n_model,
-            "n_baseline": self.n_baseline,
-            "n_tied": self.n_tied,
-        }
-
 
 @dataclass(frozen=True)
-class PositionResult:
+class PositionResult(ToDict):
     """Position bias over (prompt, judge) pairs judged in both orders.
 
     ``consistency``: percent of pairs whose verdict (model / baseline / tie) is the same in both
@@ -90,16 +88,9 @@ class PositionResult:
     consistency: float
     first_position_win_rate: float
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "n_pairs": self.n_pairs,
-            "consistency": _num(self.consistency),
-            "first_position_win_rate": _num(self.first_position_win_rate),
-        }
-
 
 @dataclass
-class ComparisonResult:
+class ComparisonResult(ToDict):
     """Every figure for one model against one baseline under one judge (or all judges pooled).
 
     AlpacaEval's leaderboard fields (``win_rate``, ``standard_error``, ``n_wins``, ``n_wins_base``,
@@ -122,36 +113,8 @@ class ComparisonResult:
     mean_preference: Estimate
     tie_adjusted: Estimate
     length_controlled: Estimate | None
-    length_coefficient: (
-        float | None
-    )  # phi of the LC model: > 0 means the judge favours longer answers
+    length_coefficient: float | None  # phi of the LC model: > 0, the judge favours longer answers
     sign_test: SignTestResult | None
     position: PositionResult | None
     dropped: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "baseline": self.baseline,
-            "judge": self.judge,
-            "judges": self.judges,
-            "n_prompts": self.n_prompts,
-            "n_total": self.n_total,
-            "n_wins": self.n_wins,
-            "n_wins_base": self.n_wins_base,
-            "n_draws": self.n_draws,
-            "win_rate": _num(self.win_rate),
-            "standard_error": _num(self.standard_error),
-            "discrete_win_rate": _num(self.discrete_win_rate),
-            "mean_preference": self.mean_preference.to_dict(),
-            "tie_adjusted": self.tie_adjusted.to_dict(),
-            "length_controlled": None
-            if self.length_controlled is None
-            else self.length_controlled.to_dict(),
-            "length_coefficient": _num(self.length_coefficient),
-            "sign_test": None if self.sign_test is None else self.sign_test.to_dict(),
-            "position": None if self.position is None else self.position.to_dict(),
-            "dropped": dict(self.dropped),
-            "notes": list(self.notes),
-        }

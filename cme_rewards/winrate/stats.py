@@ -1,13 +1,9 @@
 """Win rates with honest uncertainty: prompts are the unit of resampling.
 
-For each (model, baseline) comparison the judgments are first aggregated per prompt (sum of
-preferences, sum of discrete scores, number of judgments, per judge), so every judgment of a prompt
-(both orders, several judges) moves together in the bootstrap. Each rate is a ratio
-``sum over prompts / number of judgments``, which equals the per-judgment mean that AlpacaEval
-reports. One ``scipy.stats.bootstrap`` call resamples prompts for every judge and the pool at once:
-the statistic receives resampled prompt indices ``[..., n_prompts]``, counts them with ``bincount``
-(one row per resample) and multiplies the counts by the per-prompt table (vectorised; BCa's
-jackknife goes through the same path).
+Judgments are first summed per prompt (preference, discrete score, count; per judge and pooled), so
+every judgment of a prompt moves together in the bootstrap. Each rate is ``sum over prompts / number
+of judgments``, the per-judgment mean AlpacaEval reports. One vectorised ``scipy.stats.bootstrap``
+call resamples prompts for every judge and the pool at once (see :func:`ratio_statistic`).
 """
 
 from __future__ import annotations
@@ -17,7 +13,7 @@ import warnings
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -63,42 +59,42 @@ def seeded_rng(settings: Settings, *names: str) -> np.random.Generator:
     return np.random.default_rng([settings.seed, *(zlib.crc32(n.encode()) for n in names)])
 
 
-def ratio_statistic(table: np.ndarray) -> Callable[..., np.ndarray]:
-    """Vectorised statistic over resampled prompt indices.
+def ratio_statistic(sums: np.ndarray, counts: np.ndarray) -> Callable[..., np.ndarray]:
+    """Vectorised statistic ``100 * sum(sums) / sum(counts)`` over resampled prompt indices.
 
-    ``table``: ``[n_prompts, 3 * G]`` with columns (sum_q, sum_d, count) per group. The statistic
-    maps indices ``[..., m]`` to ``[2 * G, ...]``: mean-preference rates, then tie-adjusted rates.
+    ``sums``, ``counts``: ``[n_prompts, k]``. The statistic maps indices ``[..., m]`` to ``[k, ...]``.
     """
-    n = table.shape[0]
+    n, k = sums.shape
+    table = np.concatenate([sums, counts], axis=1)
 
     def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
         idx = np.asarray(idx)
         lead, m = idx.shape[:-1], idx.shape[-1]
         flat = idx.reshape(-1, m).astype(np.intp, copy=False)
-        counts = np.empty((flat.shape[0], n))  # how often each prompt is drawn, per resample
+        drawn = np.empty((flat.shape[0], n))  # how often each prompt is drawn, per resample
         for row, draws in enumerate(flat):
-            counts[row] = np.bincount(draws, minlength=n)
-        sums = counts @ table
+            drawn[row] = np.bincount(draws, minlength=n)
+        totals = drawn @ table
         with np.errstate(invalid="ignore", divide="ignore"):
-            rates = 100.0 * np.concatenate(
-                [sums[:, 0::3] / sums[:, 2::3], sums[:, 1::3] / sums[:, 2::3]], axis=1
-            )
-        return np.moveaxis(rates.reshape(*lead, rates.shape[-1]), -1, 0)
+            rates = 100.0 * (totals[:, :k] / totals[:, k:])
+        return np.moveaxis(rates.reshape(*lead, k), -1, 0)
 
     return statistic
 
 
-def bootstrap_intervals(
+def bootstrap_estimates(
     statistic: Callable[..., np.ndarray],
+    point: Sequence[float],
     n: int,
     settings: Settings,
     n_resamples: int,
     rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """BCa and percentile intervals of a vector statistic of resampled prompt indices.
+    over: str = "over prompts",
+) -> list[Estimate]:
+    """One :class:`Estimate` per component of a vector statistic of resampled indices ``[n]``.
 
-    Returns (bca_low, bca_high, pct_low, pct_high, standard_error, methods), each ``[k]``; where BCa
-    is undefined (a degenerate bootstrap distribution) the percentile interval stands in.
+    ``point``: the statistic on the data, ``[k]``. BCa intervals, or the percentile interval where
+    BCa is undefined (a degenerate bootstrap distribution); ``method`` names which, and ``over``.
     """
     from scipy.stats import bootstrap
 
@@ -115,10 +111,23 @@ def bootstrap_intervals(
         np.atleast_1d(pct.confidence_interval.low),
         np.atleast_1d(pct.confidence_interval.high),
     )
-    bad = ~(np.isfinite(lo) & np.isfinite(hi))
-    methods = ["percentile (BCa undefined)" if b else "BCa" for b in bad]
-    lo, hi = np.where(bad, plo, lo), np.where(bad, phi, hi)
-    return lo, hi, plo, phi, np.atleast_1d(bca.standard_error), methods
+    se = np.atleast_1d(bca.standard_error)
+    out = []
+    for i, stat in enumerate(point):
+        bca_ok = bool(np.isfinite(lo[i]) and np.isfinite(hi[i]))
+        out.append(
+            Estimate(
+                statistic=float(stat),
+                confidence_interval=ConfidenceInterval(
+                    float(lo[i] if bca_ok else plo[i]), float(hi[i] if bca_ok else phi[i])
+                ),
+                standard_error=float(se[i]),
+                method=f"{'BCa' if bca_ok else 'percentile (BCa undefined)'} bootstrap {over} "
+                f"({n_resamples} resamples)",
+                percentile_interval=ConfidenceInterval(float(plo[i]), float(phi[i])),
+            )
+        )
+    return out
 
 
 def _sign_test(group: _Group, confidence_level: float) -> SignTestResult | None:
@@ -127,7 +136,6 @@ def _sign_test(group: _Group, confidence_level: float) -> SignTestResult | None:
     seen = group.count > 0
     twice, count = 2.0 * group.sum_d[seen], group.count[seen]
     k, losses = int(np.sum(twice > count)), int(np.sum(twice < count))
-    tied = int(seen.sum()) - k - losses
     if k + losses == 0:
         return None
     res = binomtest(k, k + losses, 0.5, alternative="two-sided")
@@ -138,15 +146,12 @@ def _sign_test(group: _Group, confidence_level: float) -> SignTestResult | None:
         confidence_interval=ConfidenceInterval(100.0 * ci.low, 100.0 * ci.high),
         n_model=k,
         n_baseline=losses,
-        n_tied=tied,
+        n_tied=int(seen.sum()) - k - losses,
     )
 
 
-def _label(d: float) -> int:
-    return 1 if d > 0.5 else -1 if d < 0.5 else 0
-
-
 def position_bias(rows: Sequence[Judgment]) -> PositionResult | None:
+    """Consistency and first-position win rate over the pairs judged in both orders, or None."""
     by_pair: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r.order is not None:
@@ -158,7 +163,7 @@ def position_bias(rows: Sequence[Judgment]) -> PositionResult | None:
             continue
         mf, bf = orders["model_first"], orders["baseline_first"]
         n_pairs += 1
-        consistent += _label(float(np.mean(mf))) == _label(float(np.mean(bf)))
+        consistent += np.sign(np.mean(mf) - 0.5) == np.sign(np.mean(bf) - 0.5)
         first_scores.extend(mf)
         first_scores.extend(1.0 - d for d in bf)
     if n_pairs == 0:
@@ -177,13 +182,11 @@ def _lc_sandwich(
     from scipy.special import expit, ndtri
 
     p = expit(theta + phi * x)
-    r = s - c * p
     w = c * p * (1.0 - p)
     design = np.stack([np.ones_like(x), x], axis=1)  # [n, 2]
     bread = design.T @ (w[:, None] * design) + lc.RIDGE * c.sum() * np.eye(2)
-    scores = r[:, None] * design
-    n = len(s)
-    meat = scores.T @ scores * (n / (n - 1))
+    scores = (s - c * p)[:, None] * design
+    meat = scores.T @ scores * (len(s) / (len(s) - 1))
     inv = np.linalg.inv(bread)
     se_theta = float(math.sqrt(max((inv @ meat @ inv)[0, 0], 0.0)))
     z = float(ndtri(0.5 + level / 2))
@@ -191,8 +194,7 @@ def _lc_sandwich(
         100.0 * float(expit(theta - z * se_theta)), 100.0 * float(expit(theta + z * se_theta))
     )
     # delta method for the standard error on the percent scale
-    se_pct = 100.0 * float(expit(theta) * (1 - expit(theta))) * se_theta
-    return ci, se_pct
+    return ci, 100.0 * float(expit(theta) * (1 - expit(theta))) * se_theta
 
 
 def _length_controlled(
@@ -212,31 +214,25 @@ def _length_controlled(
     theta, phi = (float(v) for v in lc.fit_logistic(s, c, x))
     rate = 100.0 / (1.0 + math.exp(-theta))
     if settings.lc_resamples > 0 and settings.bootstrap:
-        table = np.stack([s, c, x], axis=1)
-        n = len(s)
 
         def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
             idx = np.asarray(idx).astype(np.intp)
-            return lc.lc_win_rate(table[idx, 0], table[idx, 1], table[idx, 2], (theta, phi))
+            return lc.lc_win_rate(s[idx], c[idx], x[idx], (theta, phi))
 
-        lo, hi, plo, phi_, se, methods = bootstrap_intervals(
-            statistic, n, settings, settings.lc_resamples, seeded_rng(settings, *rng_names, "lc")
-        )
-        est = Estimate(
-            statistic=rate,
-            confidence_interval=ConfidenceInterval(float(lo[0]), float(hi[0])),
-            standard_error=float(se[0]),
-            method=f"{methods[0]} bootstrap of refits over prompts ({settings.lc_resamples} resamples)",
-            percentile_interval=ConfidenceInterval(float(plo[0]), float(phi_[0])),
+        rng = seeded_rng(settings, *rng_names, "lc")
+        (est,) = bootstrap_estimates(
+            statistic,
+            [rate],
+            len(s),
+            settings,
+            settings.lc_resamples,
+            rng,
+            "of refits over prompts",
         )
     else:
         ci, se = _lc_sandwich(s, c, x, theta, phi, settings.confidence_level)
-        est = Estimate(
-            statistic=rate,
-            confidence_interval=ci,
-            standard_error=se,
-            method="cluster-robust Wald on the logit scale (prompts as clusters)",
-        )
+        method = "cluster-robust Wald on the logit scale (prompts as clusters)"
+        est = Estimate(statistic=rate, confidence_interval=ci, standard_error=se, method=method)
     return est, phi, None
 
 
@@ -309,56 +305,36 @@ def compare(judgments: Judgments, settings: Settings | None = None) -> list[Comp
     return out
 
 
-def _estimate(
-    boot: tuple | None,
-    which: int,
-    stat: float,
-    normal: ConfidenceInterval | None,
-    settings: Settings,
-) -> Estimate:
-    """Wrap the bootstrap output ``boot[which]`` (or its absence) as an :class:`Estimate`."""
-    if boot is None:
-        return Estimate(stat, None, None, "none", normal_interval=normal)
-    lo, hi, plo, phi, se, method = boot[which]
-    return Estimate(
-        statistic=stat,
-        confidence_interval=ConfidenceInterval(float(lo), float(hi)),
-        standard_error=float(se),
-        method=f"{method} bootstrap over prompts ({settings.n_resamples} resamples)",
-        percentile_interval=ConfidenceInterval(float(plo), float(phi)),
-        normal_interval=normal,
-    )
-
-
 def _compare_pair(
     model: str, baseline: str, rows: list[Judgment], judgments: Judgments, settings: Settings
 ) -> list[ComparisonResult]:
+    from scipy.special import ndtri
+
     prompts: dict[str, int] = {}
     for r in rows:
         prompts.setdefault(r.prompt, len(prompts))
-    n = len(prompts)
     groups = _groups(rows, prompts)
+    fields = [_alpaca_fields(g.rows) for g in groups]
     len_diff = _length_diff(rows, prompts)
-    intervals: dict[str, tuple] = {}
+    # judge -> (mean preference, tie-adjusted) estimates without the normal interval
+    intervals: dict[str, tuple[Estimate, Estimate]] = {}
     notes_all: list[str] = []
-    if settings.bootstrap and n >= 2:
+    if settings.bootstrap and len(prompts) >= 2:
         # One bootstrap per set of groups that share the same prompts (usually all of them).
         by_cover: dict[bytes, list[int]] = defaultdict(list)
         for gi, g in enumerate(groups):
             by_cover[(g.count > 0).tobytes()].append(gi)
         for members in by_cover.values():
             seen = groups[members[0]].count > 0
-            table = np.stack(
-                [
-                    col[seen]
-                    for gi in members
-                    for col in (groups[gi].sum_q, groups[gi].sum_d, groups[gi].count)
-                ],
-                axis=1,
-            )
+            sums = [groups[gi].sum_q[seen] for gi in members]
+            sums += [groups[gi].sum_d[seen] for gi in members]
+            counts = [groups[gi].count[seen] for gi in members] * 2
+            point = [fields[gi]["win_rate"] for gi in members]
+            point += [fields[gi]["discrete_win_rate"] for gi in members]
             names = (model, baseline, *(groups[gi].judge for gi in members))
-            lo, hi, plo, phi, se, methods = bootstrap_intervals(
-                ratio_statistic(table),
+            estimates = bootstrap_estimates(
+                ratio_statistic(np.stack(sums, axis=1), np.stack(counts, axis=1)),
+                point,
                 int(seen.sum()),
                 settings,
                 settings.n_resamples,
@@ -366,35 +342,27 @@ def _compare_pair(
             )
             k = len(members)
             for j, gi in enumerate(members):
-                intervals[groups[gi].judge] = tuple(
-                    (lo[i], hi[i], plo[i], phi[i], se[i], methods[i]) for i in (j, k + j)
-                )
+                intervals[groups[gi].judge] = (estimates[j], estimates[k + j])
     elif settings.bootstrap:
         notes_all.append("bootstrap needs at least 2 prompts")
-    from scipy.special import ndtri
-
     z = float(ndtri(0.5 + settings.confidence_level / 2))
     results = []
-    for g in groups:
-        fields = _alpaca_fields(g.rows)
+    for g, fields_g in zip(groups, fields, strict=True):
         notes = list(notes_all)
-        boot = intervals.get(g.judge)
-        se = fields["standard_error"]
-        normal = (
-            ConfidenceInterval(fields["win_rate"] - z * se, fields["win_rate"] + z * se)
-            if math.isfinite(se)
-            else None
+        rate, se = fields_g["win_rate"], fields_g["standard_error"]
+        normal = ConfidenceInterval(rate - z * se, rate + z * se) if math.isfinite(se) else None
+        mean_pref, tie_adj = intervals.get(g.judge) or (
+            Estimate(rate, None, None, "none"),
+            Estimate(fields_g["discrete_win_rate"], None, None, "none"),
         )
         lc_est, lc_phi, lc_note = _length_controlled(
             g, len_diff, settings, (model, baseline, g.judge)
         )
-        if lc_note:
-            notes.append(lc_note)
-        merged: dict[str, int] = defaultdict(int)
+        notes += [lc_note] if lc_note else []
+        dropped: dict[str, int] = defaultdict(int)
         for (m, b, j, reason), cnt in judgments.dropped.items():
             if m == model and b == baseline and j in g.judges:
-                merged[reason] += cnt
-        dropped = dict(merged)
+                dropped[reason] += cnt
         results.append(
             ComparisonResult(
                 model=model,
@@ -402,15 +370,15 @@ def _compare_pair(
                 judge=g.judge,
                 judges=g.judges,
                 n_prompts=int((g.count > 0).sum()),
-                mean_preference=_estimate(boot, 0, fields["win_rate"], normal, settings),
-                tie_adjusted=_estimate(boot, 1, fields["discrete_win_rate"], None, settings),
+                mean_preference=replace(mean_pref, normal_interval=normal),
+                tie_adjusted=tie_adj,
                 length_controlled=lc_est,
                 length_coefficient=lc_phi,
                 sign_test=_sign_test(g, settings.confidence_level),
                 position=position_bias(g.rows),
-                dropped=dropped,
+                dropped=dict(dropped),
                 notes=notes,
-                **fields,
+                **fields_g,
             )
         )
     return results
