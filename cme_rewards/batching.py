@@ -8,6 +8,7 @@ future. A failing batch is split in halves, so one bad item fails alone.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
 import threading
 import time
@@ -177,12 +178,8 @@ class MicroBatcher(Generic[T, R]):
 
     def _full(self) -> bool:
         """Whether the queue already holds more than one batch's worth (lock held)."""
-        longest = 0
-        for n, p in enumerate(self._queue, start=1):
-            longest = max(longest, p.cost)
-            if not self._fits(n, longest):
-                return True
-        return False
+        longest = itertools.accumulate((p.cost for p in self._queue), max)
+        return not all(self._fits(n, m) for n, m in enumerate(longest, start=1))
 
     def _take_batch(self) -> list[_Pending[T, R]]:
         """Pop the next batch in FIFO order, skipping cancelled items (lock held)."""

@@ -22,18 +22,9 @@ from typing import Any
 
 from cme_rewards.options import OptionError, ScorerOptions, add_arguments, flag, from_namespace
 
-PACKAGES = (
-    "cme-rewards",
-    "torch",
-    "transformers",
-    "triton",
-    "accelerate",
-    "gguf",
-    "verl",
-    "trl",
-    "openrlhf",
-    "vllm",
-)
+LIBRARIES = ("cme-rewards", "torch", "transformers", "triton", "accelerate", "gguf")
+FRAMEWORKS = ("verl", "trl", "openrlhf", "vllm")
+PACKAGES = LIBRARIES + FRAMEWORKS
 """Distributions whose versions the doctor reports."""
 
 PROBE = ("What is the capital of France?", "The capital of France is Paris.")

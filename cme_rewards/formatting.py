@@ -159,16 +159,9 @@ def encode_group(
     options: ScorerOptions,
 ) -> list[VerifierInput]:
     """:func:`build_group_inputs` with a scorer's options."""
-    return build_group_inputs(
-        tokenizer,
-        prompt,
-        responses,
-        max_length=options.max_length,
-        prompt_template=options.prompt_template,
-        chat_template=options.chat_template,
-        score_eos=options.score_eos,
-        strip_special_tokens=options.strip_special_tokens,
-    )
+    names = ("max_length", "prompt_template", "chat_template", "score_eos", "strip_special_tokens")
+    kwargs = {name: getattr(options, name) for name in names}
+    return build_group_inputs(tokenizer, prompt, responses, **kwargs)
 
 
 def build_verifier_input(

@@ -1,15 +1,10 @@
 """The verifier's forward passes: per-token log-probs of the scored positions, in micro-batches.
 
-- :func:`forward_samples`: each sample is one right-padded row ``prompt + response``.
-- :func:`forward_shared`: each *piece* is one prompt and some of its responses. The prompts run
-  once, left-padded, filling a key/value cache that is gathered per response row; the responses run
-  after it, positions continuing after their own prompt. Left padding keeps each prompt's keys next
-  to its responses (same relative distances and sliding windows), so the result equals the unshared
-  forward up to floating-point summation order.
-
-Both apply the output head only at scored rows. :func:`plan_samples` and :func:`plan_pieces` cut
-work into micro-batches of at most ``budget`` padded tokens, longest first; :func:`run_halving`
-splits a batch in halves and retries on out-of-memory.
+:func:`forward_samples` runs each sample as one right-padded row. :func:`forward_shared` runs each
+prompt once, left-padded (keys keep their relative distances), into a key/value cache gathered per
+response row, then the responses: equal to the unshared forward up to summation order. The head
+is applied only at scored rows. :func:`plan_samples` / :func:`plan_pieces` cut micro-batches of at
+most ``budget`` padded tokens; :func:`run_halving` halves a batch on out-of-memory.
 """
 
 from __future__ import annotations

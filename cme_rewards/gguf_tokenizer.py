@@ -1,12 +1,10 @@
 """A correct fast tokenizer for SentencePiece-BPE GGUF files (Gemma), on any transformers version.
 
-A GGUF stores its vocabulary as metadata (`tokenizer.ggml.tokens`, `.scores`, `.token_type`, ...),
-not as `tokenizer.json`. For `tokenizer.ggml.model == "llama"` (SentencePiece, no merges)
-transformers 5.10 rebuilds Gemma-3's tokenizer as a Unigram model, which splits "capital" into
-`▁c|ap|it|al` and silently changes every log-prob. This module rebuilds it as SentencePiece and
-llama.cpp do: a byte-fallback BPE whose merges are every pair of pieces whose concatenation is a
-piece, ranked by the merged piece's score (ties: lower id). :func:`is_sentencepiece_bpe` detects
-such files (every Gemma / Gemma-2 / Gemma-3 GGUF is one).
+For `tokenizer.ggml.model == "llama"` (SentencePiece, no merges) transformers 5.10 rebuilds
+Gemma-3's tokenizer as a Unigram model, which splits "capital" into `▁c|ap|it|al` and silently
+changes every log-prob. This module rebuilds it as SentencePiece and llama.cpp do: a byte-fallback
+BPE whose merges are every pair of pieces whose concatenation is a piece, ranked by the merged
+piece's score (ties: lower id).
 """
 
 from __future__ import annotations

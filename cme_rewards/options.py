@@ -240,8 +240,6 @@ def from_strings(cls: type[T], raw: Mapping[str, Any], spell: Spell = _same) -> 
                 value = _from_string(kind, value)
             except ValueError:
                 raise _kind_error(spell(name), kind, value) from None
-        elif isinstance(value, list) and _is_tuple(kind):
-            value = tuple(value)
         values[name] = value
     return _build(cls, values, spell)
 
@@ -332,8 +330,17 @@ def markdown_table(cls: type) -> str:
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 IMPLS = ("auto", "torch", "triton")
 REDUCTIONS = ("mean", "sum", "min_k", "pmi", "pmi_sum")
-_TRITON_NEEDS_CUDA = "triton needs a CUDA device (or TRITON_INTERPRET=1 to interpret on CPU)"
-_TRITON_MISSING = "triton is not installed (pip install triton)"
+
+
+def _triton_problem(on_cuda: bool) -> str | None:
+    """Why ``impl="triton"`` cannot run (on CUDA or not), or ``None``."""
+    if not on_cuda and not os.environ.get("TRITON_INTERPRET"):
+        return "triton needs a CUDA device (or TRITON_INTERPRET=1 to interpret on CPU)"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install triton)"
+    return None
 
 
 def _check_device(device: str) -> str | None:
@@ -482,13 +489,8 @@ class ScorerOptions:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.impl == "triton":
-            if self.device == "cpu" and not os.environ.get("TRITON_INTERPRET"):
-                raise OptionError("impl", _TRITON_NEEDS_CUDA)
-            try:
-                import triton  # noqa: F401
-            except ImportError:
-                raise OptionError("impl", _TRITON_MISSING) from None
+        if self.impl == "triton" and (reason := _triton_problem(self.device != "cpu")):
+            raise OptionError("impl", reason)
 
     def check_here(self, spell: Spell = _same) -> None:
         """Checks that depend on this machine (the device exists), made just before loading;
@@ -496,17 +498,11 @@ class ScorerOptions:
         if (reason := device_unavailable(self.device)) is not None:
             raise OptionError(spell("device"), reason)
         if self.impl == "triton":
-            import importlib.util
-
             import torch
 
-            if importlib.util.find_spec("triton") is None:
-                raise OptionError(spell("impl"), _TRITON_MISSING)
-            on_cuda = self.device.startswith("cuda") or (
-                self.device == "auto" and torch.cuda.is_available()
-            )
-            if not on_cuda and not os.environ.get("TRITON_INTERPRET"):
-                raise OptionError(spell("impl"), _TRITON_NEEDS_CUDA)
+            auto_cuda = self.device == "auto" and torch.cuda.is_available()
+            if reason := _triton_problem(self.device.startswith("cuda") or auto_cuda):
+                raise OptionError(spell("impl"), reason)
 
     @classmethod
     def from_kwargs(cls, base: ScorerOptions | None = None, **kwargs: Any) -> ScorerOptions:

@@ -1,8 +1,7 @@
 """Remote verifiers: CME from an inference server's prompt log-probs (vLLM or SGLang).
 
-Token ids are built as :class:`cme_rewards.CMEScorer` builds them and sent as ids; the returned
-log-probs of the response positions go through the same :func:`cme_rewards.results.finish_sample`,
-so a remote verifier gives the local value up to the server's numerics.
+Ids are built and log-probs finished as :class:`cme_rewards.CMEScorer` does, so a remote verifier
+gives the local value up to the server's numerics.
 
 - vLLM: ``POST /v1/completions`` with ``prompt_logprobs: 0`` (``choices[0].prompt_logprobs``: one
   entry per prompt token keyed by its id; ``-inf`` comes as ``-9999.0``); checked with
@@ -43,8 +42,6 @@ from cme_rewards.verifier_names import strip_random
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("vllm", "sglang")
-
-
 RemoteConfigError = OptionError  # a remote setting is wrong; ``option`` names it (``url``, ...)
 
 
@@ -132,8 +129,6 @@ class RemoteVerifier:
         """Start-up check (see the module docstring); raises :class:`RemoteConfigError`."""
         try:
             await self._check()
-            self._check_length()
-            await self._check_tokenizer()
         except RemoteVerifierUnavailable as exc:
             raise RemoteConfigError(
                 "url", f"no {self.backend} server answers at {self.url} ({exc})"
@@ -142,9 +137,7 @@ class RemoteVerifier:
             raise RemoteConfigError(
                 "url", f"{self.url} is not a {self.backend} server: {exc}"
             ) from exc
-
-    def _check_length(self) -> None:
-        """Fit ``max_length`` (plus the one generated token) into the served ``max_model_len``."""
+        # Fit max_length plus the one generated token into the served max_model_len.
         if self.max_model_len is not None and self.options.max_length + 1 > self.max_model_len:
             if self.max_model_len < 3:
                 raise RemoteConfigError(
@@ -160,8 +153,6 @@ class RemoteVerifier:
                 self.max_model_len - 1,
             )
             self.options = self.options.replace(max_length=self.max_model_len - 1)
-
-    async def _check_tokenizer(self) -> None:
         try:
             theirs, ours = await self._probe_tokens()
         except (_SampleError, RemoteVerifierUnavailable) as exc:
@@ -238,22 +229,10 @@ class RemoteVerifier:
             await self._session.close()
         self._session = None
 
-    # -- wire format (subclasses) --
-
-    async def _check(self) -> None:
-        raise NotImplementedError
-
-    async def _probe_tokens(self) -> tuple[list[int], list[int]]:
-        """``(server's ids, client's ids)`` of :data:`PROBE_TEXT`."""
-        raise NotImplementedError
-
-    def _probe_request(self) -> tuple[str, dict]:
-        """``(path, payload)`` of a tiny scoring request any healthy server answers."""
-        raise NotImplementedError
-
-    async def _response_logprobs(self, inp: VerifierInput) -> list[float]:
-        """Log-probs (nats) of ``inp.input_ids[inp.n_prompt:]``, ``[n_scored]``."""
-        raise NotImplementedError
+    # -- wire format (subclasses): ``_check()`` reads the model info; ``_probe_tokens()`` gives
+    # ``(server's ids, client's ids)`` of PROBE_TEXT; ``_probe_request()`` the ``(path, payload)``
+    # of a tiny request any healthy server answers; ``_response_logprobs(inp)`` the log-probs
+    # (nats) of ``inp.input_ids[inp.n_prompt:]``, ``[n_scored]``.
 
     def _probe_ids(self) -> list[int]:
         ids = self.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"][:4]
@@ -279,11 +258,7 @@ class RemoteVerifier:
         the server answers a probe request means it rejects this sample (:class:`_SampleError`)."""
         url = f"{self.url}{path}"
         try:
-            return await retry_async(
-                lambda: self._attempt(method, url, payload),
-                what=f"{method} {url}",
-                tries=self.remote.max_retries,
-            )
+            return await self._retried(method, url, payload, self.remote.max_retries)
         except _ServerTrouble as exc:
             if per_sample and exc.status is not None and await self._answers_probe():
                 raise _SampleError(
@@ -299,11 +274,7 @@ class RemoteVerifier:
         """Whether the server answers one small, well-formed scoring request."""
         path, payload = self._probe_request()
         try:  # twice: a server may close the connection after a 500, and the pool reuses it
-            await retry_async(
-                lambda: self._attempt("POST", f"{self.url}{path}", payload),
-                what=f"probe {self.url}{path}",
-                tries=2,
-            )
+            await self._retried("POST", f"{self.url}{path}", payload, 2, what="probe")
         except Exception as exc:  # noqa: BLE001 - any failure means: not healthy
             logger.warning(
                 "%s at %r does not answer a probe request either: %r",
@@ -313,6 +284,13 @@ class RemoteVerifier:
             )
             return False
         return True
+
+    async def _retried(
+        self, method: str, url: str, payload: dict | None, tries: int, what: str | None = None
+    ) -> Any:
+        return await retry_async(
+            lambda: self._attempt(method, url, payload), what=f"{what or method} {url}", tries=tries
+        )
 
     async def _attempt(self, method: str, url: str, payload: dict | None) -> Any:
         try:

@@ -36,7 +36,8 @@ def backoff_delay(attempt: int) -> float:
     return min(0.5 * 2**attempt, 8.0)
 
 
-def _should_retry(exc: BaseException, attempt: int, tries: int, what: str, transient) -> float:
+def _retry_delay(exc: BaseException, attempt: int, tries: int, what: str, transient) -> float:
+    """Seconds to wait before retrying after ``exc`` (logged); re-raises it when it is final."""
     if not transient(exc) or attempt + 1 >= tries:
         raise exc
     delay = backoff_delay(attempt)
@@ -58,8 +59,7 @@ async def retry_async(
         try:
             return await call()
         except Exception as exc:  # noqa: PERF203 - the retry loop is the point
-            delay = _should_retry(exc, attempt, tries, what, transient)
-        await asyncio.sleep(delay)
+            await asyncio.sleep(_retry_delay(exc, attempt, tries, what, transient))
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -75,6 +75,5 @@ def retry_sync(
         try:
             return call()
         except Exception as exc:  # noqa: PERF203
-            delay = _should_retry(exc, attempt, tries, what, transient)
-        time.sleep(delay)
+            time.sleep(_retry_delay(exc, attempt, tries, what, transient))
     raise AssertionError("unreachable")  # pragma: no cover

@@ -39,6 +39,7 @@ from cme_rewards.forward import (
 from cme_rewards.models import load_verifier
 from cme_rewards.ops import check_triton_head, select_impl, warm_up_triton_head
 from cme_rewards.options import ScorerOptions
+from cme_rewards.reductions import group_members
 from cme_rewards.results import CMEResult, finish_groups, finish_sample
 
 logger = logging.getLogger(__name__)
@@ -98,15 +99,10 @@ class CMEScorer:
 
     Args:
         verifier: the verifier's name (see :class:`ScorerOptions`); with ``model`` and
-            ``tokenizer`` it only names them.
-        model, tokenizer: an already-loaded causal LM and its tokenizer (``device``, ``dtype``
-            and ``seed`` are then not used: the model stays as it is).
-        options: a :class:`ScorerOptions`; keyword ``overrides`` (its field names: ``dtype``,
-            ``max_length``, ``reduction``, ``floor``, ``share_prefix``, ...) replace its values.
+            ``tokenizer`` (an already-loaded causal LM, kept as it is) it only names them.
+        options, **overrides: a :class:`ScorerOptions` and field values replacing its own; a bad
+            one raises :class:`OptionError` naming it before any model loads.
         progress: show a progress bar by default.
-
-    Every option is declared once in :class:`ScorerOptions` (types, units, defaults, checks); a bad
-    one raises :class:`OptionError` naming it before any model loads.
     """
 
     def __init__(
@@ -215,17 +211,13 @@ class CMEScorer:
         """Encode every sample; with ``share_prefix`` each distinct prompt is rendered and cut once."""
         if not self.options.share_prefix:
             return [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
-        members: dict[str, list[int]] = {}
-        for i, prompt in enumerate(prompts):
-            members.setdefault(prompt_key(prompt), []).append(i)
-        inputs: list[VerifierInput | None] = [None] * len(prompts)
-        for rows in members.values():
+        inputs: dict[int, VerifierInput] = {}
+        for rows in group_members([prompt_key(p) for p in prompts]).values():
             encoded = encode_group(
                 self.tokenizer, prompts[rows[0]], [responses[i] for i in rows], self.options
             )
-            for i, x in zip(rows, encoded, strict=True):
-                inputs[i] = x
-        return [x for x in inputs if x is not None]
+            inputs.update(zip(rows, encoded, strict=True))
+        return [inputs[i] for i in range(len(prompts))]
 
     def _logprobs(self, inputs: list[VerifierInput], show: bool) -> dict[int, torch.Tensor]:
         """Per-token log-probs ``[n_scored]`` (float32, nats) of every scorable input, by index."""

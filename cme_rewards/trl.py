@@ -1,16 +1,10 @@
 """CME as a reward function for TRL's ``GRPOTrainer(reward_funcs=...)``.
 
-TRL calls each reward function with ``prompts``, ``completions``, ``completion_ids``, the dataset
-columns, ``log_extra`` and ``log_metric``, and logs under its ``__name__``. These are plain objects
-(an ``nn.Module`` would be taken for a sequence classifier): :class:`CMEReward` (sync, returns
-nats; the floor reward for samples that cannot be scored, never ``None`` or NaN),
-:class:`AsyncCMEReward` (awaited by TRL, scored in a worker thread), :class:`LengthPenalty`
-(``-len(completion_ids) / max_tokens``) and ``cme``, a lazy ``CMEReward`` of the default verifier
-for ``trl grpo --reward_funcs cme_rewards.trl.cme``.
-
-Prompts are strings or chat messages, rebuilt with the verifier's chat template. Of a
-conversational completion, the last assistant message is scored; messages before it (tool calls
-and results) join the prompt as context.
+Plain callables (an ``nn.Module`` would be taken for a sequence classifier), logged under their
+``__name__``: :class:`CMEReward`, :class:`AsyncCMEReward`, :class:`LengthPenalty`, and ``cme``
+(a lazy ``CMEReward`` of the default verifier, for ``--reward_funcs cme_rewards.trl.cme``).
+Of a conversational completion, the last assistant message is scored; messages before it (tool
+calls and results) join the prompt as context.
 """
 
 from __future__ import annotations
@@ -85,14 +79,11 @@ class _CMERewardBase:
         **scorer_options: Any,
     ) -> None:
         """Args:
-        verifier: verifier name (see :class:`ScorerOptions`); ignored when ``scorer`` is given.
-        scorer: an existing ``CMEScorer`` to share (between a sync and an async reward, or with
-            evaluation code); no other scorer is built.
-        name: the name TRL logs under (``rewards/<name>/mean``), and the prefix of the columns
-            and metrics logged here.
-        lazy: load the verifier on the first call instead of now (options are checked now).
-        **scorer_options: :class:`ScorerOptions` fields; a bad one raises :class:`OptionError`
-            naming it. ``device="auto"`` picks ``cuda:$LOCAL_RANK`` under a multi-process launch.
+        verifier, **scorer_options: :class:`ScorerOptions` fields (a bad one raises
+            :class:`OptionError`); ``device="auto"`` picks ``cuda:$LOCAL_RANK`` under a launcher.
+        scorer: an existing ``CMEScorer`` to share instead (no other is built).
+        name: what TRL logs under (``rewards/<name>/mean``); prefix of the columns logged here.
+        lazy: load the verifier on the first call (options are checked now).
         """
         if scorer is not None and (scorer_options or verifier):
             raise TypeError("pass either scorer= or a verifier and its options, not both")
@@ -166,14 +157,12 @@ class CMEReward(_CMERewardBase):
         reward = CMEReward("gemma3-270m", max_length=4096)
         trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=config, train_dataset=ds)
 
-    Called with TRL's keyword arguments; returns one reward (nats) per completion. The completions
-    of one prompt form a group: one that cannot be scored gets the worst scored member's reward
-    minus ``floor_margin`` (the fixed ``floor`` when none was scored). An ``id`` dataset column,
-    when present, names samples in the scorer's warnings. Logs per completion ``<name>/n_tokens``,
-    ``<name>/truncated``, ``<name>/error`` (``log_extra``: columns of the completions table) and,
-    per call, :func:`cme_rewards.results.batch_metrics` (``log_metric``): ``cme/mean``,
-    ``cme/std``, ``cme/min``, ``cme/max`` (scored completions), ``cme/floored_frac``,
-    ``cme/truncated_frac`` and ``cme/n_tokens_mean``, with ``<name>/`` in place of ``cme/``.
+    Returns one reward (nats) per completion, never ``None`` or NaN. The completions of one prompt
+    form a group: one that cannot be scored gets the worst scored member's reward minus
+    ``floor_margin`` (the fixed ``floor`` when none was scored). An ``id`` dataset column names
+    samples in warnings. Logs ``<name>/n_tokens``, ``<name>/truncated``, ``<name>/error`` per
+    completion (``log_extra``) and :func:`cme_rewards.results.batch_metrics` per call
+    (``log_metric``), with ``<name>/`` in place of ``cme/``.
     """
 
     def __call__(

@@ -47,9 +47,8 @@ class VerifierNotFoundError(ValueError):
 
 def strip_random(name: str) -> tuple[str, bool]:
     """``(base name, whether it had the random: prefix)``."""
-    if name.startswith(RANDOM_PREFIX):
-        return name[len(RANDOM_PREFIX) :], True
-    return name, False
+    base = name.removeprefix(RANDOM_PREFIX)
+    return base, base != name
 
 
 def verifier_name_problem(name: str) -> str | None:

@@ -88,11 +88,7 @@ class TokenCache:
         self.path = None if directory is None else Path(directory) / f"{slug}-{digest}.jsonl"
         self.entries: dict[str, Scored] = {}
         if self.path is not None and self.path.exists():
-            self._read()
-
-    def _read(self) -> None:
-        with self.path.open("rb") as fh:
-            for raw in fh:
+            for raw in self.path.read_bytes().splitlines():
                 try:
                     rec = json.loads(raw)
                     self.entries[rec["key"]] = Scored.of(rec["lp"], rec["truncated"], rec["error"])
@@ -105,20 +101,11 @@ class TokenCache:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lines = [
-            json.dumps(
-                {
-                    "key": key,
-                    "lp": None
-                    if s.token_logprobs is None
-                    else [float(x) for x in s.token_logprobs],
-                    "truncated": s.truncated,
-                    "error": s.error,
-                }
-            )
-            + "\n"
-            for key, s in items.items()
-        ]
+        lines = []
+        for key, s in items.items():
+            lp = None if s.token_logprobs is None else s.token_logprobs.tolist()
+            record = {"key": key, "lp": lp, "truncated": s.truncated, "error": s.error}
+            lines.append(json.dumps(record) + "\n")
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write("".join(lines))
 
@@ -150,10 +137,7 @@ def score_texts(
 
     cache = TokenCache(cache_dir, options)
     keys = [text_key(p, r) for p, r in requests]
-    todo: dict[str, tuple[Prompt, str]] = {}
-    for key, req in zip(keys, requests, strict=True):
-        if key not in cache.entries:
-            todo.setdefault(key, req)
+    todo = {key: req for key, req in zip(keys, requests, strict=True) if key not in cache.entries}
     if counts is not None:
         counts.cached += len(set(keys)) - len(todo)
         counts.scored += len(todo)

@@ -8,6 +8,7 @@ import sys
 
 from cme_rewards.io import InputError
 from cme_rewards.options import OptionError, ScorerOptions, add_arguments, from_namespace
+from cme_rewards.winrate.cli import add_settings_arguments, settings_from
 
 EXCLUDED_OPTIONS = ("verifier", "reduction", "seed")
 """Scorer options replaced here: ``--verifier`` repeats, ``--variants`` replaces ``--reduction``,
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         "verifiers that are not random:]",
     )
     p.add_argument("--sample", type=int, metavar="N", help="keep N seeded prompts per file")
-    p.add_argument("--seed", type=int, default=0, help="seed of --sample and the bootstrap [0]")
+    add_settings_arguments(p, 2000, "seed of --sample and the bootstrap [0]")
     p.add_argument("--json", action="store_true", help="print the JSON document, not the table")
     p.add_argument("--plot", metavar="PATH.png", help="write the agreement plot here")
     p.add_argument(
@@ -53,8 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="token log-probs kept between runs [default: %(default)s]",
     )
     p.add_argument("--no-cache", action="store_true", help="score everything, keep nothing")
-    p.add_argument("--n-resamples", type=int, default=2000, help="bootstrap resamples [2000]")
-    p.add_argument("--confidence-level", type=float, default=0.95, help="[0.95]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument(
         "--weight-seed", type=int, default=0, help="weight seed of random: verifiers [0]"
@@ -69,14 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     from cme_rewards.agreement.pairs import load_pairs, sample_prompts
     from cme_rewards.agreement.report import format_table, to_document
     from cme_rewards.verifier_names import DEFAULT_VERIFIER
-    from cme_rewards.winrate.stats import Settings
 
     verifiers = list(dict.fromkeys(args.verifiers or [DEFAULT_VERIFIER]))
     try:
         if args.sample is not None and args.sample < 1:
             raise ValueError("--sample must be at least 1")
-        if args.n_resamples < 1 or not 0 < args.confidence_level < 1:
-            raise ValueError("--n-resamples must be >= 1 and --confidence-level in (0, 1)")
+        settings = settings_from(args)
         plan_variants(verifiers, args.variants)
         for name in verifiers:  # every name checked before any file is read or model loaded
             try:
@@ -95,9 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ValueError, ImportError) as exc:  # OptionError: "--max-length: reason"
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    settings = Settings(
-        confidence_level=args.confidence_level, n_resamples=args.n_resamples, seed=args.seed
-    )
     report = measure(
         files,
         verifiers,

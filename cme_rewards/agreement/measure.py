@@ -1,13 +1,11 @@
-"""Score every answer once per verifier, turn the token log-probs into each reward variant and
-each control, and measure their agreement with the judge on the same pairs.
+"""Score every answer once per verifier, reduce the token log-probs to each reward variant and
+control (``docs/agreement.md``), and measure their agreement with the judge on the same pairs.
 
-The variants (``docs/agreement.md`` defines them) are the reductions of the same name of
-:func:`~cme_rewards.reductions.reduce_token_logprobs` over one cached pass (plus the empty-prompt
-pass for ``pmi*``), in nats; ``ensemble`` (nats per UTF-8 byte) averages each non-``random:``
-verifier's total log-likelihood of the answer per byte. Controls use the first verifier's tokens:
-``longer`` (the longer answer wins), ``shorter``, ``constant`` (the second answer always wins). A
-pair where either answer got the floor under any verifier is left out of every row of its file and
-counted in ``n_excluded``.
+Variants are :func:`~cme_rewards.reductions.reduce_token_logprobs` reductions (nats; ``pmi*`` add
+the empty-prompt pass); ``ensemble`` averages the non-``random:`` verifiers' log-likelihood per
+UTF-8 byte. Controls use the first verifier's tokens: ``longer``, ``shorter``, ``constant`` (the
+second answer wins). A pair floored under any verifier is left out of its file's rows
+(``n_excluded``).
 """
 
 from __future__ import annotations
@@ -75,6 +73,7 @@ class AgreementReport:
 
 
 def is_random(verifier: str) -> bool:
+    """Whether ``verifier`` is a ``random:`` (random-weight) control."""
     return strip_random(verifier)[1]
 
 
@@ -95,16 +94,15 @@ def plan_variants(verifiers: Sequence[str], variants: Sequence[str] | None) -> l
 def _reward(
     cond: Scored, uncond: Scored | None, variant: str, options: ScorerOptions
 ) -> float | None:
-    if cond.token_logprobs is None:
-        return None
-    if variant in UNCONDITIONAL and (uncond is None or uncond.token_logprobs is None):
+    unconditional = None if uncond is None else uncond.token_logprobs
+    if cond.token_logprobs is None or (variant in UNCONDITIONAL and unconditional is None):
         return None
     value, _ = reduce_token_logprobs(
         cond.token_logprobs,
         reduction=variant,
         min_tokens=options.min_tokens,
         min_k_percent=options.min_k_percent,
-        unconditional=None if uncond is None else uncond.token_logprobs,
+        unconditional=unconditional,
     )
     return value
 
@@ -206,11 +204,7 @@ def _measure_file(
     def sides(p: Pair) -> tuple[tuple[str, str], tuple[str, str]]:
         return (p.instruction, p.first), (p.instruction, p.second)
 
-    kept = [
-        p
-        for p in decided
-        if all(r[side] is not None for r in rewards.values() for side in sides(p))
-    ]
+    kept = [p for p in decided if all(r[s] is not None for r in rewards.values() for s in sides(p))]
     n_excluded = len(decided) - len(kept)
     pref = np.array([p.preference for p in kept])
     comparisons = sorted({f"{p.model} vs {p.baseline}" for p in f.pairs})
@@ -231,8 +225,7 @@ def _measure_file(
         return
     clusters = np.array([p.prompt_id for p in kept])
     comparison = np.array([f"{p.model}\0{p.baseline}" for p in kept])
-    len_first = np.array([n_tokens[sides(p)[0]] for p in kept], dtype=float)
-    len_second = np.array([n_tokens[sides(p)[1]] for p in kept], dtype=float)
+    len_first, len_second = np.array([[n_tokens[s] for s in sides(p)] for p in kept], dtype=float).T
     ratio = len_second / np.maximum(len_first, 1.0)
     series = [
         (verifier, variant, np.array([values[sides(p)[1]] - values[sides(p)[0]] for p in kept]))

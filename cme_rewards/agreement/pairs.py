@@ -13,6 +13,7 @@ in :attr:`PairFile.n_no_verdict`.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -61,11 +62,7 @@ class PairFile:
     @property
     def label(self) -> str:
         """Short name of the file: its name without ``.annotations.json`` / ``.jsonl``."""
-        name = Path(self.path).name
-        for suffix in (".annotations.json", ".json", ".jsonl"):
-            if name.endswith(suffix):
-                return name[: -len(suffix)]
-        return name
+        return re.sub(r"(\.annotations\.json|\.json|\.jsonl)$", "", Path(self.path).name)
 
 
 def _texts(record: dict, annotation: bool) -> tuple[str, str, str]:
@@ -82,10 +79,9 @@ def load_pairs(path: str | Path) -> PairFile:
     """
     path = Path(path)
     annotation, items = winrate_load.read_records(path)
-    if annotation:
-        convert = winrate_load.judgment_from_annotation
-    else:
-        convert = winrate_load.judgment_from_record
+    convert = (
+        winrate_load.judgment_from_annotation if annotation else winrate_load.judgment_from_record
+    )
     out = PairFile(path=str(path))
     merged: dict[tuple[str, str, str], tuple[Pair, float]] = {}
     for line, record in items:

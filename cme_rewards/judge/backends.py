@@ -96,8 +96,8 @@ class OpenAIJudge:
     async def __call__(self, task: Task) -> Verdict:
         import openai
 
-        answer_a, answer_b = task.answers
-        messages: list[dict[str, str]] = build_messages(task.pair.instruction, answer_a, answer_b)
+        messages: list[dict[str, str]] = build_messages(task.pair.instruction, *task.answers)
+        transient = (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError)
         replies: list[str] = []
         for attempt in range(1, self.verdict_retries + 2):
             try:
@@ -109,11 +109,7 @@ class OpenAIJudge:
                 )
             except openai.BadRequestError as exc:  # e.g. context too long: this pair only
                 return Verdict(None, error=f"request rejected: {exc}", attempts=attempt)
-            except (
-                openai.APIConnectionError,
-                openai.InternalServerError,
-                openai.RateLimitError,
-            ) as exc:
+            except transient as exc:
                 raise JudgeUnavailableError(
                     f"the judge server at --base-url {self.base_url} failed after "
                     f"{self.client.max_retries} retries ({exc}); rerun the same command to resume"
@@ -197,8 +193,7 @@ class LocalJudge:
 
     def prompt_ids(self, task: Task) -> list[int]:
         """Token ids of the judge prompt ending in ``WINNER:``."""
-        answer_a, answer_b = (self._cut(a) for a in task.answers)
-        messages = build_messages(self._cut(task.pair.instruction), answer_a, answer_b)
+        messages = build_messages(*map(self._cut, (task.pair.instruction, *task.answers)))
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True

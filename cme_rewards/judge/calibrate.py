@@ -177,24 +177,18 @@ def format_calibration(results: list[CalibrationResult], level: float) -> str:
     for r in results:
         ci = _ci_text(r.agreement.confidence_interval)
         pci = _ci_text(r.pair_agreement.confidence_interval)
-        lines.append(
+        spearman = "-" if r.spearman is None else f"{r.spearman:.3f}"
+        lines += [
             f"judge {r.judge}: {r.n_judgments} judgments of {r.n_pairs} pairs on {r.n_prompts} "
-            f"instructions, {r.n_errors} errors"
-        )
-        lines.append(
-            f"  agreement with reference: {r.agreement.statistic:.1f}% "
-            f"{ci} ({100 * level:g}%, per judgment); per pair "
-            f"{r.pair_agreement.statistic:.1f}% {pci}"
-        )
-        lines.append(
+            f"instructions, {r.n_errors} errors",
+            f"  agreement with reference: {r.agreement.statistic:.1f}% {ci} ({100 * level:g}%, per "
+            f"judgment); per pair {r.pair_agreement.statistic:.1f}% {pci}",
             f"  a constant judge would agree {r.majority_agreement:.1f}%; Cohen's kappa "
             f"{r.cohen_kappa:.3f}; soft agreement {r.soft_agreement.statistic:.1f}%; Spearman "
-            + ("-" if r.spearman is None else f"{r.spearman:.3f}")
-        )
-        lines.append(
+            f"{spearman}",
             f"  win rate by this judge {r.judge_win_rate:.1f}% vs by the reference "
-            f"{r.reference_win_rate:.1f}% on the same pairs"
-        )
+            f"{r.reference_win_rate:.1f}% on the same pairs",
+        ]
         if r.position is not None:
             lines.append(
                 f"  position bias: {r.position.n_pairs} pairs judged in both orders, consistent "

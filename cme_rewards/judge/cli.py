@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from cme_rewards.winrate.cli import add_settings_arguments, settings_from
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-name", help="name of the baseline (default: as --model-name)")
     p.add_argument("--orders", choices=("both", "random"), default="both",
                    help="judge both presentation orders (default) or one seeded random order")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
+    add_settings_arguments(p, 10_000, "seed of --orders random and the bootstrap (default 0)")
     p.add_argument(
         "--limit", type=int, help="judge only the first N pairs (per file with --calibrate)"
     )
@@ -61,8 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-text-tokens", type=int, default=512,
                    help="cut the instruction and each answer to this many tokens (default 512)")  # fmt: skip
     p.add_argument("--report", help="with --calibrate: also write the calibration result as JSON")
-    p.add_argument("--confidence-level", type=float, default=0.95)
-    p.add_argument("--n-resamples", type=int, default=10_000)
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -71,15 +71,9 @@ def _backend(args):
     from cme_rewards.judge.backends import LocalJudge, OpenAIJudge
 
     if args.backend == "openai":
+        names = ("base_url", "api_key", "concurrency", "timeout", "max_retries", "verdict_retries")
         return OpenAIJudge(
-            args.judge,
-            base_url=args.base_url,
-            api_key=args.api_key,
-            concurrency=args.concurrency,
-            timeout=args.timeout,
-            max_retries=args.max_retries,
-            verdict_retries=args.verdict_retries,
-            max_tokens=args.max_tokens,
+            args.judge, max_tokens=args.max_tokens, **{n: getattr(args, n) for n in names}
         )
     return LocalJudge(args.judge, device=args.device, max_text_tokens=args.max_text_tokens)
 
@@ -101,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             pairs = pairs_from_outputs(*args.outputs, args.model_name, args.baseline_name)
             pairs = pairs[: args.limit] if args.limit else pairs
         tasks = make_tasks(pairs, args.orders, args.seed)
+        settings = settings_from(args)
         backend = _backend(args)
         judge = args.judge_name or args.judge
         counts = run_judge(
@@ -117,10 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.calibrate:
         from cme_rewards.judge.calibrate import calibrate, format_calibration
-        from cme_rewards.winrate.stats import Settings
 
-        settings = Settings(confidence_level=args.confidence_level, n_resamples=args.n_resamples,
-                            seed=args.seed)  # fmt: skip
         wanted = {t.key(judge) for t in tasks}
         records = [r for r in existing_records(Path(args.out)) if record_key(r) in wanted]
         results = calibrate(records, settings=settings)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import math
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cme_rewards.io import InputError, read_jsonl
-from cme_rewards.winrate.load import ORDERS, parse_preference
+from cme_rewards.winrate.load import (
+    ORDERS,
+    BadField,
+    Judgment,
+    judgment_from_annotation,
+    read_records,
+    text_field,
+)
 
 
 @dataclass(frozen=True)
@@ -98,32 +103,23 @@ def pairs_from_outputs(
 def pairs_from_annotations(paths: Iterable[str | Path], limit: int | None = None) -> list[Pair]:
     """Pairs carrying a reference preference, from AlpacaEval annotations files (``output_1`` =
     baseline, ``output_2`` = model); rows with a NaN reference are left out. ``limit`` per file."""
-
     pairs: list[Pair] = []
     for path in map(Path, paths):
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"{path}: cannot read AlpacaEval annotations: {exc}") from None
-        if not isinstance(records, list):
+        annotations, items = read_records(path)
+        if not annotations:
             raise InputError(f"{path}: expected a JSON array of AlpacaEval annotations")
         kept = 0
-        for i, rec in enumerate(records, start=1):
+        for i, (line, rec) in enumerate(items, start=1):
             if limit is not None and kept >= limit:
                 break
             try:
-                ref = parse_preference(rec.get("preference"))
-                fields = [
-                    rec[k]
-                    for k in ("instruction", "generator_2", "generator_1", "output_2", "output_1")
-                ]
-            except (ValueError, KeyError, AttributeError) as exc:
-                raise InputError(f"{path}: record {i}: {exc}") from None
-            if math.isnan(ref):
-                continue
-            instruction, model, baseline, out_m, out_b = fields
-            pairs.append(Pair(instruction, instruction, model, baseline, out_m, out_b, ref))
-            kept += 1
+                j = judgment_from_annotation(rec)
+                outputs = [text_field(rec, name) for name in ("output_2", "output_1")]
+            except BadField as exc:
+                raise InputError(f"{path}: line {line} (record {i}): {exc}") from None
+            if isinstance(j, Judgment):
+                pairs.append(Pair(j.prompt, j.prompt, j.model, j.baseline, *outputs, 1.0 + j.q))
+                kept += 1
     return pairs
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,7 @@ from cme_rewards.judge.backends import Verdict
 from cme_rewards.judge.pairs import Task
 
 logger = logging.getLogger(__name__)
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False)
+_DUMPS = partial(json.dumps, ensure_ascii=False, allow_nan=False)
 
 
 def record_key(rec: dict[str, Any]) -> tuple:
@@ -107,7 +105,7 @@ async def _run(
     try:
         with (
             out_path.open("a", encoding="utf-8") as fh,
-            jsonlines.Writer(fh, compact=True, flush=True, dumps=_dumps) as writer,
+            jsonlines.Writer(fh, compact=True, flush=True, dumps=_DUMPS) as writer,
         ):
             for fut in asyncio.as_completed(pending):
                 task, verdict = await fut

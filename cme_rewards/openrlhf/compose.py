@@ -43,7 +43,14 @@ def cme_reward(queries: list[str], prompts: list[str], labels: list[Any]) -> dic
 cme_reward.__name__ = "cme"
 
 
-def _values(out: Any, n: int) -> tuple[list[float], dict[str, Any]]:
+def _floats(value: Any) -> list[Any]:
+    """A part's value (tensor, array, sequence or one number) as a list."""
+    if hasattr(value, "tolist"):  # torch tensors and numpy arrays
+        value = value.tolist()
+    return list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+
+
+def _values(out: Any, n: int) -> tuple[list[float], dict[str, list[float]]]:
     """``(one float per sample, extra_logs)`` of a part's return value; ``ValueError`` if unusable."""
     logs: dict[str, Any] = {}
     if isinstance(out, dict):
@@ -51,26 +58,13 @@ def _values(out: Any, n: int) -> tuple[list[float], dict[str, Any]]:
             raise ValueError(f"returned a dict without 'rewards' (keys: {sorted(out)})")
         logs = out.get("extra_logs") or {}
         out = out["rewards"]
-    if hasattr(out, "tolist"):  # torch tensors and numpy arrays
-        out = out.tolist()
-    if isinstance(out, int | float) and not isinstance(out, bool):
-        out = [out]
-    if not isinstance(out, Sequence) or isinstance(out, str):
-        raise ValueError(f"returned {type(out).__name__}, not numbers")
-    if len(out) != n:
-        raise ValueError(f"returned {len(out)} values for {n} samples")
-    values = []
-    for i, v in enumerate(out):
+    values = _floats(out)
+    if len(values) != n:
+        raise ValueError(f"returned {len(values)} values for {n} samples")
+    for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
             raise ValueError(f"returned {v!r} for sample {i}, not a finite number")
-        values.append(float(v))
-    return values, logs
-
-
-def _log_values(value: Any) -> list[float]:
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    return [float(v) for v in (value if isinstance(value, list | tuple) else [value])]
+    return [float(v) for v in values], {k: list(map(float, _floats(v))) for k, v in logs.items()}
 
 
 def compose(*parts: tuple[RewardFn, float], on_error: float = 0.0) -> RewardFn:
@@ -100,8 +94,7 @@ def compose(*parts: tuple[RewardFn, float], on_error: float = 0.0) -> RewardFn:
         logs: dict[str, list[float]] = {}
         for name, func, weight in named:
             try:
-                values, raw_logs = _values(func(queries, prompts, labels), n)
-                part_logs = {key: _log_values(value) for key, value in raw_logs.items()}
+                values, part_logs = _values(func(queries, prompts, labels), n)
             except Exception as exc:  # noqa: BLE001 - a user part must not make the reward None
                 logger.error(
                     "reward part %r failed: %s: %r; it contributes %r for these %d samples",

@@ -64,15 +64,18 @@ class RecoveryOptions:
         check_fields(self)
 
     def build(self) -> PromptRecovery:
-        """The :class:`PromptRecovery` these options describe; loads the policy tokenizer, named the
-        way a verifier is (built-in, ``.gguf``, folder, hub id)."""
+        """The :class:`PromptRecovery` these options describe, its start-up warning logged; loads
+        the policy tokenizer, named the way a verifier is (built-in, ``.gguf``, folder, hub id)."""
         from transformers import AutoTokenizer
 
         from cme_rewards.models import resolve_verifier
 
         name = self.policy_tokenizer
         tokenizer = AutoTokenizer.from_pretrained(resolve_verifier(name)) if name else None
-        return PromptRecovery(tokenizer, self.prompt_source)
+        recovery = PromptRecovery(tokenizer, self.prompt_source)
+        if (warning := recovery.startup_warning()) is not None:
+            logger.warning("%s", warning)
+        return recovery
 
 
 @dataclass(frozen=True)
@@ -284,10 +287,8 @@ class PromptRecovery:
                 rec = Recovered(prompt, "", UNRECOVERED, error)
             if sources is not None:
                 sources[rec.source] += 1
-            if rec.error is not None:
-                items.append(floored(rec.error, options))
-            else:
-                items.append(Sample(rec.prompt, rec.response))
+            ok = rec.error is None
+            items.append(Sample(rec.prompt, rec.response) if ok else floored(rec.error, options))
         return items
 
     def _prompt(self, prompt: str, label: Any) -> tuple[str, str | list[dict[str, Any]]]:

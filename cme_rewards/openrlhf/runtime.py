@@ -103,8 +103,6 @@ class FileModeRuntime:
         with self._lock:
             if self._batched is None or self._recovery is None:
                 recovery = self.config.recovery.build()
-                if (warning := recovery.startup_warning()) is not None:
-                    logger.warning("%s", warning)
                 scorer = self._scorer if self._scorer is not None else self._load_scorer()
                 self._batched = BatchedScorer(scorer, self.config.batch)
                 self._recovery = recovery

@@ -1,9 +1,8 @@
 """Per-token log-prob ops behind one dispatch point, plus the load-time check of the Triton path.
 
-``impl="auto"`` (default: ``$CME_REWARDS_IMPL``) uses the Triton kernels for CUDA tensors when
-triton imports and the chunked PyTorch path otherwise; ``"torch"`` or ``"triton"`` forces one
-(Triton on CPU tensors needs ``TRITON_INTERPRET=1``). Triton modules are imported only when used;
-the layout of this package (one role per file) is in ``docs/gpu.md``.
+``impl="auto"`` (default: ``$CME_REWARDS_IMPL``): Triton kernels for CUDA tensors when triton
+imports, else the chunked PyTorch path; ``"torch"`` / ``"triton"`` forces one (Triton on CPU needs
+``TRITON_INTERPRET=1``). Triton modules are imported only when used; layout: ``docs/gpu.md``.
 """
 
 from __future__ import annotations

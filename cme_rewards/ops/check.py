@@ -1,12 +1,9 @@
 """Load-time check and warm-up of the Triton path on the user's device.
 
-A scorer about to use the Triton kernels calls :func:`check_triton_head` on a probe batch, then
-:func:`warm_up_triton_head` for the row counts it will see, and falls back to ``impl="torch"``
-(logging :meth:`ImplCheck.describe`) when either gives ``ok=False``. Both compare the Triton
-result with a float64 reference computed on the same device from the same (rounded) inputs and
-report the torch path's distance beside it; any exception of the Triton path (import, compile,
-launch, out of resources) is a failed check. The bf16 torch path rounds each logit to bf16, so
-its distance to float64 (typically 1e-2 to 1e-1 nats) is reported, not bounded.
+A scorer checks the Triton kernels (:func:`check_triton_head`, :func:`warm_up_triton_head`) and
+falls back to ``impl="torch"`` on ``ok=False``. Both compare with a float64 reference from the
+same (rounded) inputs and report the torch path's distance beside it (bf16 rounds each logit:
+1e-2 to 1e-1 nats, not bounded); any exception of the Triton path is a failed check.
 """
 
 from __future__ import annotations

@@ -73,11 +73,8 @@ def chunked_token_logprobs(
     mask: torch.Tensor | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> torch.Tensor:
-    """Per-row log-prob (nats) of ``targets`` under ``softmax(logits / temperature)``.
-
-    Shapes: logits ``[N, V]`` (any float dtype), targets ``[N]``, mask ``[N]`` -> float32 ``[N]``.
-    Rows where ``mask`` is 0 are not read and give 0.0; a target outside ``[0, V)`` gives NaN.
-    """
+    """The torch path of :func:`cme_rewards.ops.token_logprobs` (same shapes and semantics; any
+    float dtype): float32 ``[N]`` log-probs (nats)."""
     n_rows, vocab = logits.shape
     kept = slice(None) if mask is None else (mask != 0).nonzero().squeeze(1)
 
@@ -104,12 +101,8 @@ def chunked_linear_token_logprobs(
     softcap: float | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> torch.Tensor:
-    """Log-probs (nats) of ``targets`` through the output head without ``[N, V]`` logits.
-
-    Logits as in ``linear_token_logprobs``, computed in the weights' dtype, then upcast to float32.
-    Shapes: hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]``, targets ``[N]`` -> float32 ``[N]``;
-    a target outside ``[0, V)`` gives NaN.
-    """
+    """The torch path of :func:`cme_rewards.ops.linear_token_logprobs` (same shapes and semantics):
+    logits computed in the weights' dtype, then upcast to float32; float32 ``[N]`` (nats)."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
 
     def block(rs: slice, v0: int, v1: int) -> torch.Tensor:

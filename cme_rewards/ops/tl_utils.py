@@ -59,6 +59,14 @@ if interpreting():
     _patch_interpreter_scalar_index()
 
 
+def check_row_tensor(name: str, t: torch.Tensor, n_rows: int, device: torch.device) -> None:
+    """Raise ``ValueError`` unless ``t`` is a bool / integer ``[n_rows]`` tensor on ``device``."""
+    if t.shape != (n_rows,) or t.is_floating_point():
+        raise ValueError(f"{name} must be integer [{n_rows}], got {t.dtype} {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the other operands on {device}")
+
+
 def device_guard(tensor: torch.Tensor):
     """``torch.cuda.device(tensor.device)`` for CUDA tensors: Triton launches on the *current*
     device, so without it a tensor on ``cuda:1`` would be read by a kernel on ``cuda:0``."""

@@ -1,10 +1,8 @@
-"""Launcher of the fused output head: checks, TMA policy, partial buffer, tuning, both passes.
+"""Launcher of the fused output head; PyTorch counterpart: ``chunked_linear_token_logprobs``.
 
 Pass 1 (``linear_lse_kernel``) leaves one logsumexp per (vocabulary tile, row) in a ``[T, N]``
-float32 buffer, pass 2 (``lse_combine_kernel``) merges them in a fixed order (no atomics: bitwise
-reproducible); the ``[N, V]`` logits are never written. The buffer, ``4 * T * N`` bytes with
-``T = cdiv(V, BLOCK_N)``, stays under ``PARTIAL_BUDGET_BYTES`` by taking rows in equal chunks.
-The plain PyTorch counterpart is ``cme_rewards.ops.chunked.chunked_linear_token_logprobs``.
+float32 buffer (``T = cdiv(V, BLOCK_N)``, under ``PARTIAL_BUDGET_BYTES`` by taking rows in equal
+chunks), pass 2 (``lse_combine_kernel``) merges them in a fixed order: bitwise reproducible.
 """
 
 from __future__ import annotations
@@ -26,7 +24,14 @@ from cme_rewards.ops.tl_autotune import (
     Tuner,
     linear_candidates,
 )
-from cme_rewards.ops.tl_utils import DTYPES, LOG2E, device_guard, interpreting, n_bucket
+from cme_rewards.ops.tl_utils import (
+    DTYPES,
+    LOG2E,
+    check_row_tensor,
+    device_guard,
+    interpreting,
+    n_bucket,
+)
 
 PARTIAL_BUDGET_BYTES = 56 * 2**20
 """Largest ``[T, rows]`` float32 partial buffer; with the [N] outputs, extra memory stays < 64 MiB."""
@@ -90,12 +95,9 @@ def triton_linear_token_logprobs(
     logit_scale: float = 1.0,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Per-token log-probs (nats, float32 ``[N]``) of ``targets [N]`` through the output head.
-
-    Logits ``(hidden [N, H] @ weight [V, H].T + bias [V]) * logit_scale``, then
-    ``softcap * tanh(x / softcap)`` when set; bf16 / fp16 / fp32 operands of one dtype. A target
-    outside ``[0, V)`` gives NaN. Raises ``ValueError`` on bad shapes, dtypes, devices or scales.
-    """
+    """The Triton path of :func:`cme_rewards.ops.linear_token_logprobs` (same shapes and
+    semantics), bf16 / fp16 / fp32 operands of one dtype; float32 ``[N]`` (nats).
+    Raises ``ValueError`` on bad shapes, dtypes, devices or scales."""
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"need hidden [N, H] and weight [V, H], got {list(hidden.shape)} and {list(weight.shape)}"
@@ -106,13 +108,10 @@ def triton_linear_token_logprobs(
         )
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
-    if targets.shape != (n_rows,) or targets.is_floating_point():
-        raise ValueError(
-            f"targets must be integer [{n_rows}], got {targets.dtype} {list(targets.shape)}"
-        )
+    check_row_tensor("targets", targets, n_rows, hidden.device)
     if bias is not None and bias.shape != (vocab,):
         raise ValueError(f"bias must be [{vocab}], got {list(bias.shape)}")
-    for name, t in (("weight", weight), ("targets", targets), ("bias", bias)):
+    for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device}, hidden on {hidden.device}")
     if not math.isfinite(logit_scale):

@@ -11,7 +11,7 @@ import torch
 
 from cme_rewards.ops.logits_kernel import token_logprobs_kernel
 from cme_rewards.ops.tl_autotune import KernelConfig, Tuner, logits_candidates
-from cme_rewards.ops.tl_utils import DTYPES, LOG2E, device_guard, n_bucket
+from cme_rewards.ops.tl_utils import DTYPES, LOG2E, check_row_tensor, device_guard, n_bucket
 
 TUNER = Tuner("logits")
 
@@ -23,34 +23,21 @@ def triton_token_logprobs(
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token log-probs (nats, float32 ``[N]``) of ``targets [N]`` under ``logits / temperature``.
-
-    ``logits [N, V]``: bf16 / fp16 / fp32, any row stride, last dim contiguous (else copied). A
-    target outside ``[0, V)`` gives NaN (no host sync). Rows where ``mask [N]`` (bool / integer)
-    is 0 are not read and give 0.0. Raises ``ValueError`` on bad shapes, dtypes or devices.
-    """
+    """The Triton path of :func:`cme_rewards.ops.token_logprobs` (same shapes and semantics; any
+    row stride, a last dim that is not contiguous is copied); float32 ``[N]`` (nats).
+    Raises ``ValueError`` on bad shapes, dtypes or devices."""
     if logits.ndim != 2:
         raise ValueError(f"logits must be [N, V], got shape {list(logits.shape)}")
     n_rows, vocab = logits.shape
     if logits.dtype not in DTYPES:
         raise ValueError(f"logits dtype must be bfloat16, float16 or float32, got {logits.dtype}")
-    if targets.shape != (n_rows,) or targets.is_floating_point():
-        raise ValueError(
-            f"targets must be integer [{n_rows}], got {targets.dtype} {list(targets.shape)}"
-        )
-    if targets.device != logits.device:
-        raise ValueError(f"targets are on {targets.device}, logits on {logits.device}")
+    check_row_tensor("targets", targets, n_rows, logits.device)
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be positive and finite, got {temperature}")
     if vocab == 0:
         raise ValueError("logits have an empty vocabulary dimension")
     if mask is not None:
-        if mask.shape != (n_rows,):
-            raise ValueError(f"mask must have shape [{n_rows}], got {list(mask.shape)}")
-        if mask.device != logits.device:
-            raise ValueError(f"mask is on {mask.device}, logits on {logits.device}")
-        if mask.is_floating_point():
-            raise ValueError(f"mask must be a bool or integer tensor, got {mask.dtype}")
+        check_row_tensor("mask", mask, n_rows, logits.device)
         if mask.dtype == torch.bool:
             mask = mask.view(torch.uint8)
     out = torch.empty(n_rows, dtype=torch.float32, device=logits.device)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -21,6 +20,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, model_validator
 
 from cme_rewards.batched_scorer import BatchedScorer, Sample
 from cme_rewards.batching import BatchLimits, Overloaded, TooManyItems
@@ -29,15 +29,12 @@ from cme_rewards.results import CMEResult, Scorer, finish_groups
 from cme_rewards.retry import is_transient
 from cme_rewards.server.metrics import Metrics
 from cme_rewards.server.options import ServerOptions
-from cme_rewards.server.schemas import GetRewardRequest, ScoreRequest, ScoreResponse
 from cme_rewards.server.security import (
     BodySizeLimit,
     RequestAccounting,
     RequestLifetime,
     TokenGuard,
 )
-
-logger = logging.getLogger(__name__)
 
 RETRY_AFTER = {"Retry-After": "1"}
 ROUTES = ("/get_reward", "/score", "/health", "/metrics", "/docs", "/openapi.json")
@@ -51,6 +48,63 @@ class AsciiJSONResponse(JSONResponse):
         return json.dumps(
             content, ensure_ascii=True, allow_nan=False, separators=(",", ":")
         ).encode()
+
+
+class GetRewardRequest(BaseModel):
+    """OpenRLHF's ``POST /get_reward`` body: parallel lists, usually of one sample."""
+
+    query: list[str] = Field(
+        min_length=1, description="templated prompt + response, special tokens kept"
+    )
+    prompts: list[str] = Field(description="templated prompts (prefixes of query)")
+    labels: list[Any] | None = Field(
+        None, description="dataset labels: the raw prompts, in the recipe"
+    )
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> GetRewardRequest:
+        for name in ("prompts", "labels"):
+            values = getattr(self, name)
+            if values is not None and len(values) != len(self.query):
+                raise ValueError(
+                    f"field '{name}' has {len(values)} items but 'query' has {len(self.query)}"
+                )
+        return self
+
+
+class ChatMessage(BaseModel):
+    """One chat message."""
+
+    role: str
+    content: str
+
+
+class ScoreSample(BaseModel):
+    """One native sample: the raw instruction (or messages) and the response text."""
+
+    prompt: str | list[ChatMessage]
+    response: str
+    id: str | None = None
+    group: str | int | None = Field(None, description="samples sharing a group get GRPO advantages")
+
+
+class ScoreRequest(BaseModel):
+    """``POST /score`` body."""
+
+    samples: list[ScoreSample] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _groups_all_or_none(self) -> ScoreRequest:
+        grouped = [s.group is not None for s in self.samples]
+        if any(grouped) and not all(grouped):
+            raise ValueError("field 'group' must be set on every sample or on none")
+        return self
+
+
+class ScoreResponse(BaseModel):
+    """``POST /score`` reply: per sample its ``id`` and the shared result fields, in request order."""
+
+    results: list[dict[str, Any]]
 
 
 MAX_VALIDATION_ERRORS = 20
@@ -106,17 +160,18 @@ def create_app(
     app.add_middleware(TokenGuard, token=opts.token, open_paths=("/health",))
     app.add_middleware(RequestAccounting, metrics=metrics)  # outermost: sees every status
 
-    def check_size(n: int) -> None:
-        if n > max_samples:
-            metrics.record_error("too_many_samples")
-            raise HTTPException(
-                413,
-                f"{n} samples in one request; the server takes at most {limit_name}={max_samples}",
-            )
-
-    async def scored(prepare: Callable[[], list[Sample | CMEResult]]) -> list[CMEResult]:
-        """Run ``prepare`` in a worker thread, then score the samples among its items."""
+    async def scored(
+        n: int,
+        prepare: Callable[[], list[Sample | CMEResult]],
+        sources: Counter[str] | None = None,
+    ) -> list[CMEResult]:
+        """Check the request's ``n`` samples, run ``prepare`` in a worker thread, score the samples
+        among its items and count them (``sources``: filled by ``prepare``)."""
         try:
+            if n > max_samples:
+                raise TooManyItems(
+                    f"{n} samples in one request; the server takes at most {limit_name}={max_samples}"
+                )
             items = await asyncio.to_thread(prepare)
             samples = [item for item in items if isinstance(item, Sample)]
             results = iter(await batched.score_many_async(samples))
@@ -130,7 +185,9 @@ def create_app(
                 "overloaded" if isinstance(exc, Overloaded) else type(exc).__name__
             )
             raise HTTPException(503, f"{type(exc).__name__}: {exc}"[:300], RETRY_AFTER) from None
-        return [next(results) if isinstance(item, Sample) else item for item in items]
+        done = [next(results) if isinstance(item, Sample) else item for item in items]
+        metrics.record_samples(len(done), sum(r.error is not None for r in done), sources)
+        return done
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -142,22 +199,21 @@ def create_app(
         ]
         return AsciiJSONResponse({"detail": detail, "n_errors": len(errors)}, status_code=422)
 
-    @app.post("/get_reward", response_class=AsciiJSONResponse)
+    @app.post("/get_reward")
     async def get_reward(body: GetRewardRequest) -> dict[str, Any]:
         """OpenRLHF's remote reward protocol: ``{query, prompts, labels}`` -> ``{rewards, scores, extra_logs}``."""
-        check_size(len(body.query))
         labels = body.labels if body.labels is not None else [None] * len(body.query)
         sources: Counter[str] = Counter()
         results = await scored(
-            lambda: recovery.samples(body.query, body.prompts, labels, scorer.options, sources)
+            len(body.query),
+            lambda: recovery.samples(body.query, body.prompts, labels, scorer.options, sources),
+            sources,
         )
-        metrics.record_samples(len(results), sum(r.error is not None for r in results), sources)
         return openrlhf_reply(results)
 
-    @app.post("/score", response_class=AsciiJSONResponse)
+    @app.post("/score")
     async def score(body: ScoreRequest) -> ScoreResponse:
         """Native batch: ``{samples: [{prompt, response, id?, group?}]}`` -> ``{results: [...]}``."""
-        check_size(len(body.samples))
 
         def prepare() -> list[Sample | CMEResult]:
             return [
@@ -169,8 +225,7 @@ def create_app(
                 for s in body.samples
             ]
 
-        results = await scored(prepare)
-        metrics.record_samples(len(results), sum(r.error is not None for r in results))
+        results = await scored(len(body.samples), prepare)
         if body.samples[0].group is not None:
             finish_groups(results, [s.group for s in body.samples], scorer.options)
         return ScoreResponse(
@@ -179,7 +234,7 @@ def create_app(
             ]
         )
 
-    @app.get("/health", response_class=AsciiJSONResponse)
+    @app.get("/health")
     async def health() -> dict[str, Any]:
         """Liveness: the verifier is loaded and the batcher runs (no token needed)."""
         return {
@@ -188,7 +243,7 @@ def create_app(
             "device": str(getattr(scorer, "device", "")),
         }
 
-    @app.get("/metrics", response_class=AsciiJSONResponse)
+    @app.get("/metrics")
     async def get_metrics() -> dict[str, Any]:
         """Counters: requests, samples, tokens/s, queue depth, batch sizes, errors, latency."""
         snap = metrics.snapshot(batched.batcher.queue_depth, batched.batcher.busy)

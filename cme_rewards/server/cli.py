@@ -111,8 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         recovery = recovery_options.build()
     except Exception as exc:
         return _error(f"--policy-tokenizer {recovery_options.policy_tokenizer!r}: {exc}")
-    if (warning := recovery.startup_warning()) is not None:
-        logger.warning("%s", warning)
     try:
         scorer = CMEScorer(options=options)
     except (OptionError, OSError) as exc:

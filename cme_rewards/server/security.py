@@ -7,6 +7,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -27,6 +28,7 @@ def _reply(status: int, detail: str, **headers: str) -> JSONResponse:
     )
 
 
+@dataclass
 class TokenGuard:
     """ASGI middleware answering 401 unless the request carries the bearer token.
 
@@ -35,10 +37,9 @@ class TokenGuard:
     ``open_paths`` needs it, unknown paths and the API docs included. Without a token it lets all in.
     """
 
-    def __init__(self, app: ASGIApp, token: str | None, open_paths: tuple[str, ...] = ()) -> None:
-        self.app = app
-        self.expected = token.encode() if token else None
-        self.open_paths = open_paths
+    app: ASGIApp
+    token: str | None
+    open_paths: tuple[str, ...] = ()
 
     def _given(self, scope: Scope) -> bytes:
         for name, value in scope.get("headers", []):
@@ -55,9 +56,9 @@ class TokenGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] == "http"
-            and self.expected is not None
+            and self.token
             and scope.get("path", "") not in self.open_paths
-            and not secrets.compare_digest(self._given(scope), self.expected)
+            and not secrets.compare_digest(self._given(scope), self.token.encode())
         ):
             await _reply(401, "missing or wrong bearer token", www_authenticate="Bearer")(
                 scope, receive, send
@@ -66,13 +67,13 @@ class TokenGuard:
         await self.app(scope, receive, send)
 
 
+@dataclass
 class BodySizeLimit:
     """ASGI middleware answering 413 to a request body over ``max_bytes`` (by ``Content-Length``
     before reading, and counting the bytes of chunked bodies as they come)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
+    app: ASGIApp
+    max_bytes: int
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -98,6 +99,7 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
+@dataclass
 class RequestLifetime:
     """ASGI middleware bounding a request's life: ``timeout`` seconds, and no longer than its client.
 
@@ -106,12 +108,9 @@ class RequestLifetime:
     had not all arrived, else 503 with ``Retry-After`` (and ``on_timeout`` is called).
     """
 
-    def __init__(
-        self, app: ASGIApp, timeout: float, on_timeout: Callable[[], None] | None = None
-    ) -> None:
-        self.app = app
-        self.timeout = timeout
-        self.on_timeout = on_timeout
+    app: ASGIApp
+    timeout: float
+    on_timeout: Callable[[], None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -194,13 +193,13 @@ async def _cancel(task: asyncio.Future[Any]) -> None:
         task.exception()  # retrieved: it ended with an error while being cancelled
 
 
+@dataclass
 class RequestAccounting:
     """ASGI middleware recording every HTTP request's route, status and latency in ``metrics``
     (a request its client left before the answer counts as status 499)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
+    app: ASGIApp
+    metrics: Metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

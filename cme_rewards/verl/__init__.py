@@ -1,9 +1,8 @@
 """veRL integration: the reward-loop reward manager ``cme`` (settings: ``reward.cme``).
 
-``pip install cme-rewards[verl]`` registers it through veRL's ``verl.plugins`` entry point, so
-``reward.reward_manager.name=cme`` selects it. veRL logs a plugin's import error at DEBUG level
-only, so this package logs it as a warning (:func:`cme_rewards.verl.status.plugin_status` reports
-it too), and the names below then raise ``ImportError`` from it.
+Registered through veRL's ``verl.plugins`` entry point (``reward.reward_manager.name=cme``). veRL
+logs a plugin's import error at DEBUG level only, so it is logged here as a warning, and the
+names below then raise ``ImportError`` from it.
 """
 
 from __future__ import annotations

@@ -1,17 +1,12 @@
 """The group-relative floor and the per-step ``cme/*`` metrics, across all of veRL's reward workers.
 
-The members of a GRPO group (same ``uid``, ``rollout.n`` samples) may reach different reward
-workers, so one named Ray actor per run, :class:`GroupBoard` (no CPU reserved), sees every result:
-
-- **Group floor.** A sample that cannot be scored waits until its group has reported (at most
-  ``reward.cme.group_wait_s``; the step waits for its slowest sample anyway), then gets the worst
-  scored member's CME minus ``floor_margin`` (:func:`cme_rewards.results.group_floor`); with no
-  scored member, or after the wait (a validation group smaller than ``rollout.n``), the ``floor``.
-- **Per-step metrics.** veRL aggregates ``reward_extra_info`` only in validation, so the board
-  logs :func:`cme_rewards.results.batch_metrics` (plus ``cme/<term>/mean``) of the first
-  ``data.train_batch_size x rollout.n`` results of each ``global_steps`` (later ones, e.g.
-  validation's, are not counted) through veRL's ``Tracking`` to ``reward.cme.metrics_logger``, as
-  the run ``<trainer.experiment_name>-cme``.
+A GRPO group (same ``uid``) may reach several reward workers, so one named Ray actor per run,
+:class:`GroupBoard`, sees every result. An unscorable sample waits (at most
+``reward.cme.group_wait_s``) for its group, then gets the worst scored member's CME minus
+``floor_margin``, else the fixed ``floor``. The board logs :func:`cme_rewards.results.batch_metrics`
+(plus ``cme/<term>/mean``) of the first ``data.train_batch_size x rollout.n`` results of each
+``global_steps`` through veRL's ``Tracking`` (``reward.cme.metrics_logger``), as the run
+``<trainer.experiment_name>-cme``: veRL aggregates ``reward_extra_info`` only in validation.
 """
 
 from __future__ import annotations
@@ -150,11 +145,8 @@ class GroupBoard:
 
 
 def get_group_board(**kwargs: Any) -> Any:
-    """The run's :class:`GroupBoard` actor (``GroupBoard(**kwargs)``), started on first use.
-
-    Outside Ray (a manager built by hand, as in unit tests) an in-process board stands in, with
-    the same ``board.settle.remote(...)`` call.
-    """
+    """The run's :class:`GroupBoard` actor (``GroupBoard(**kwargs)``), started on first use;
+    outside Ray, an in-process board with the same ``board.settle.remote(...)`` call."""
     import ray
 
     if not ray.is_initialized():

@@ -1,15 +1,10 @@
-"""``CMERewardManager``: veRL's reward-loop reward manager named ``cme``.
+"""``CMERewardManager``: veRL's reward-loop reward manager ``cme``, configured by ``reward.cme``.
 
-Selected with ``reward.reward_manager.name=cme``, configured by ``reward.cme``
-(:mod:`cme_rewards.verl.settings`). veRL calls :meth:`CMERewardManager.run_single` once per sample
-in each ``RewardLoopWorker``; the reward lands at the last valid response token. The prompt is
-``raw_prompt`` (chat messages, else the decoded prompt ids) in the verifier's chat template; the
-response is decoded with the policy tokenizer and re-tokenized by the verifier, scoring only the
-assistant's turns of a multi-turn conversation (:mod:`~cme_rewards.verl.turns`). An unscorable
-sample gets its group's floor (:mod:`~cme_rewards.verl.board`, which also logs the ``cme/*``
-metrics); the reward is ``cme_weight * cme`` plus the ``combine_with`` terms
-(:mod:`~cme_rewards.verl.terms`). ``reward_extra_info``: ``cme`` (nats), ``n_tokens``,
-``truncated``, ``error`` (``""`` when none), then each term by name.
+:meth:`CMERewardManager.run_single` scores one sample: ``raw_prompt`` (else the decoded prompt)
+and the decoded response in the verifier's chat template, only the assistant's turns of a
+multi-turn conversation (:mod:`~cme_rewards.verl.turns`); an unscorable sample gets its group's
+floor (:mod:`~cme_rewards.verl.board`). Reward: ``cme_weight * cme`` plus the ``combine_with``
+terms (:mod:`~cme_rewards.verl.terms`), at the last valid response token.
 """
 
 from __future__ import annotations
@@ -19,6 +14,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 from verl import DataProto
@@ -51,18 +47,18 @@ def route_to_cme(**_kwargs: Any) -> float:
     )
 
 
-def _scalar(value: Any) -> Any:
-    """A numpy scalar / 0-d array as a Python value."""
-    return value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value
+def _scalar(value: Any, convert: Callable[[Any], Any]) -> Any:
+    """A numpy scalar / 0-d array as ``convert(Python value)``; ``None`` stays ``None``."""
+    value = value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value
+    return None if value is None else convert(value)
 
 
 @register("cme")
 class CMERewardManager(RewardManagerBase):
     """Cross-Model Entropy reward for veRL's reward loop (see the module docstring).
 
-    veRL's ``load_reward_manager`` passes the whole trainer ``config``, the policy's ``tokenizer``,
-    ``compute_score`` (the ``compute_score`` term of ``reward.cme.combine_with``) and, with veRL's
-    reward model on, its router's ``host:port`` and the ``reward.reward_model.model_path`` tokenizer.
+    veRL passes the trainer ``config``, the policy's ``tokenizer``, ``compute_score`` (a
+    ``combine_with`` term) and, with its reward model on, the router's ``host:port`` and tokenizer.
     """
 
     def __init__(
@@ -173,8 +169,8 @@ class CMERewardManager(RewardManagerBase):
         if "response_mask" in item.batch.keys():  # noqa: SIM118 - a TensorDict; veRL's mask
             mask = item.batch["response_mask"][:valid].tolist()
             return ids, assistant_turns(ids, self.tokenizer, mask)
-        turns = _scalar(item.non_tensor_batch.get("__num_turns__"))
-        if turns is None or int(turns) <= 2:  # the prompt and one assistant turn
+        turns = _scalar(item.non_tensor_batch.get("__num_turns__"), int)
+        if turns is None or turns <= 2:  # the prompt and one assistant turn
             return ids, None
         return ids, assistant_turns(ids, self.tokenizer)
 
@@ -212,10 +208,8 @@ class CMERewardManager(RewardManagerBase):
         """Score one sample (the last row of ``data``); returns veRL's ``reward_score`` dict."""
         item = data[-1:][0]
         ntb = item.non_tensor_batch
-        uid = _scalar(ntb.get("uid"))
-        uid = None if uid is None else str(uid)
-        step = _scalar(ntb.get("global_steps"))
-        step = int(step) if step is not None else None
+        uid = _scalar(ntb.get("uid"), str)
+        step = _scalar(ntb.get("global_steps"), int)
         ids, turns = self._response(item)
         response = self.tokenizer.decode(ids, skip_special_tokens=True)
         result, values = await asyncio.gather(

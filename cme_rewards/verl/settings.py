@@ -1,11 +1,9 @@
 """The ``cme`` reward manager's settings: the ``reward.cme`` block of the veRL config.
 
-Hydra's struct mode rejects unknown keys in veRL's ``reward.reward_manager``, so the settings have a
-block of their own, generated from :class:`cme_rewards.options.ScorerOptions`,
-:class:`cme_rewards.batching.BatchLimits`, :class:`cme_rewards.remote.RemoteOptions` and
-:class:`VerlOptions`; a wrong key or value raises :class:`CMESettingsError` naming
-``reward.cme.<key>``. ``python -m cme_rewards.verl yaml|table`` prints the block with its defaults
-(``integrations/verl/config/cme_grpo.yaml``) or its Markdown tables (``integrations/verl/README.md``).
+Generated from ``ScorerOptions``, ``BatchLimits``, ``RemoteOptions`` and :class:`VerlOptions`
+(Hydra's struct mode rejects unknown keys in ``reward.reward_manager``); a bad key or value raises
+:class:`CMESettingsError` naming ``reward.cme.<key>``.
+``python -m cme_rewards.verl yaml|table`` prints the block with its defaults or its Markdown tables.
 """
 
 from __future__ import annotations

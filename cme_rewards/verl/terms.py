@@ -1,11 +1,8 @@
 """Rewards combined with CME, as TRL's ``reward_funcs`` / ``reward_weights`` combine them.
 
-Each ``reward.cme.combine_with`` term ``[WEIGHT*]NAME`` adds ``WEIGHT * value`` to
-``cme_weight * cme`` and is logged by name in ``reward_extra_info`` (and as ``cme/<name>/mean``):
-``compute_score`` (veRL's ``reward.custom_reward_function``, else ``default_compute_score`` by
-``data_source``), ``length_penalty`` (``-(policy response tokens) / data.max_response_length``), or
-``pkg://module:function`` / ``path.py:function`` with veRL's ``compute_score`` signature (sync or
-async). A dict value contributes its ``"score"``; ``None`` or a non-finite value counts 0, with a
+Each ``reward.cme.combine_with`` term ``[WEIGHT*]NAME`` adds ``WEIGHT * value`` to the reward and is
+logged by name (see :class:`~cme_rewards.verl.settings.VerlOptions`). A function may be sync or
+async; a dict value contributes its ``"score"``; ``None`` or a non-finite value counts 0, with a
 warning naming the sample.
 """
 

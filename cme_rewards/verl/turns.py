@@ -1,12 +1,9 @@
 """Multi-turn and tool agent loops: score only the assistant's own tokens.
 
-veRL puts everything after the prompt into ``responses``: the assistant's turns and, between them,
-tool observations. Its ``response_mask`` marks the assistant's tokens where the manager gets it;
-elsewhere the turns are rebuilt from the policy's chat template (an assistant turn runs to its
-end-of-turn token, the observation to the template's assistant header). The verifier then scores
-each assistant turn as the response to the conversation before it (observations as ``tool``
-messages, or ``user`` where its template rejects ``tool``), and :func:`combine_turns` reduces the
-turns to one result.
+The assistant turns of ``responses`` come from veRL's ``response_mask``, else from the policy's
+chat template (a turn runs to its end-of-turn token, an observation to the assistant header).
+Each turn is scored after the conversation before it (observations as ``tool`` messages, or
+``user`` where the verifier's template rejects ``tool``); :func:`combine_turns` merges the turns.
 """
 
 from __future__ import annotations

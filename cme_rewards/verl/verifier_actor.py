@@ -1,10 +1,8 @@
 """One local verifier per node, shared by all of veRL's reward-loop workers on it.
 
 veRL's ``RewardLoopWorker`` actors reserve no GPU, so the first one on a node starts a named Ray
-actor, :class:`VerifierActor`, reserving ``reward.cme.num_gpus`` (a fraction shares a GPU; 0: CPU)
-and ``reward.cme.num_cpus``; the others find it by name. Concurrent calls from all workers are
-coalesced into :meth:`cme_rewards.CMEScorer.score` batches by
-:class:`cme_rewards.batched_scorer.BatchedScorer`.
+actor, :class:`VerifierActor` (``reward.cme.num_gpus`` / ``num_cpus``), that batches the calls of
+all workers (:class:`cme_rewards.batched_scorer.BatchedScorer`).
 """
 
 from __future__ import annotations

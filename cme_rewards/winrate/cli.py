@@ -1,12 +1,41 @@
-"""``python -m cme_rewards.winrate RESULTS [RESULTS ...]`` (also ``cme-rewards winrate``)."""
+"""``python -m cme_rewards.winrate RESULTS [RESULTS ...]`` (also ``cme-rewards winrate``), and
+the bootstrap options shared with ``cme-rewards judge`` and ``cme-rewards agreement``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING, Any
 
 from cme_rewards.io import InputError
+
+if TYPE_CHECKING:
+    from cme_rewards.winrate.stats import Settings
+
+
+def add_settings_arguments(p: argparse.ArgumentParser, n_resamples: int, seed_help: str) -> None:
+    """``--seed``, ``--confidence-level`` and ``--n-resamples`` (see :func:`settings_from`)."""
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--confidence-level", type=float, default=0.95, help="default %(default)s")
+    p.add_argument("--n-resamples", type=int, default=n_resamples, help="default %(default)s")
+
+
+def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
+    """The :class:`~cme_rewards.winrate.stats.Settings` of parsed arguments; raises
+    :class:`InputError` for a confidence level outside (0, 1) or fewer than 1 resample."""
+    from cme_rewards.winrate.stats import Settings
+
+    if not 0 < args.confidence_level < 1:
+        raise InputError("--confidence-level must be in (0, 1)")
+    if args.n_resamples < 1:
+        raise InputError("--n-resamples must be >= 1")
+    return Settings(
+        confidence_level=args.confidence_level,
+        n_resamples=args.n_resamples,
+        seed=args.seed,
+        **extra,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,11 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print a JSON document instead of tables")
     p.add_argument("--plot", metavar="FILE.png", help="write a forest plot of the win rates")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    p.add_argument("--confidence-level", type=float, default=0.95, help="default 0.95")
-    p.add_argument(
-        "--n-resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)"
-    )
+    add_settings_arguments(p, 10_000, "bootstrap seed (default 0)")
     p.add_argument(
         "--lc-resamples",
         type=int,
@@ -40,20 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cme_rewards.winrate.load import load_judgments
     from cme_rewards.winrate.report import format_table, to_document
-    from cme_rewards.winrate.stats import Settings, compare
+    from cme_rewards.winrate.stats import compare
 
-    settings = Settings(
-        confidence_level=args.confidence_level,
-        n_resamples=args.n_resamples,
-        lc_resamples=args.lc_resamples,
-        seed=args.seed,
-        bootstrap=not args.no_bootstrap,
-    )
     try:
-        if not 0 < args.confidence_level < 1:
-            raise InputError("--confidence-level must be in (0, 1)")
-        if args.n_resamples < 1 or args.lc_resamples < 0:
-            raise InputError("--n-resamples must be >= 1 and --lc-resamples >= 0")
+        if args.lc_resamples < 0:
+            raise InputError("--lc-resamples must be >= 0")
+        settings = settings_from(
+            args, lc_resamples=args.lc_resamples, bootstrap=not args.no_bootstrap
+        )
         judgments = load_judgments(args.results)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

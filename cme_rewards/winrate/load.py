@@ -170,18 +170,16 @@ def judgment_from_record(record: Any) -> Judgment | tuple[str, str, str, str]:
         return (model, baseline, judge, DROP_ERROR)
     order = _choice(record, "order", ORDERS, "value")
     winner = _choice(record, "winner", tuple(WINNER_SCORES), "label")
-    has_pref = record.get("preference") is not None
-    if winner is None and not has_pref:
-        raise BadField("winner", "neither 'winner' nor 'preference' given (and no 'error')")
-    if has_pref:
+    if record.get("preference") is None:
+        if winner is None:
+            raise BadField("winner", "neither 'winner' nor 'preference' given (and no 'error')")
+        q = d = WINNER_SCORES[winner]
+    else:
         p = parse_preference(record["preference"])
         if math.isnan(p):
             return (model, baseline, judge, DROP_NAN)
         q = p - 1.0
         d = WINNER_SCORES[winner] if winner is not None else _discrete_from_preference(p)
-    else:
-        d = WINNER_SCORES[winner]
-        q = d
     return Judgment(
         prompt=prompt,
         model=model,

@@ -51,6 +51,9 @@ class _Group:
     sum_q: np.ndarray
     sum_d: np.ndarray
     count: np.ndarray
+    fields: dict[
+        str, float | int
+    ]  # AlpacaEval's figures over the judgments (:func:`_alpaca_fields`)
 
 
 def seeded_rng(settings: Settings, *names: str) -> np.random.Generator:
@@ -106,11 +109,7 @@ def bootstrap_estimates(
         pct = bootstrap(
             data, statistic, n_resamples=0, method="percentile", bootstrap_result=bca, **common
         )
-    lo, hi = np.atleast_1d(bca.confidence_interval.low), np.atleast_1d(bca.confidence_interval.high)
-    plo, phi = (
-        np.atleast_1d(pct.confidence_interval.low),
-        np.atleast_1d(pct.confidence_interval.high),
-    )
+    lo, hi, plo, phi = map(np.atleast_1d, (*bca.confidence_interval, *pct.confidence_interval))
     se = np.atleast_1d(bca.standard_error)
     out = []
     for i, stat in enumerate(point):
@@ -201,11 +200,8 @@ def _length_controlled(
     group: _Group, len_diff: np.ndarray | None, settings: Settings, rng_names: tuple[str, ...]
 ) -> tuple[Estimate | None, float | None, str | None]:
     if len_diff is None:
-        return (
-            None,
-            None,
-            "length-controlled rate needs output_model/output_baseline on every judgment",
-        )
+        note = "length-controlled rate needs output_model/output_baseline on every judgment"
+        return None, None, note
     seen = group.count > 0
     s, c, delta = group.sum_q[seen], group.count[seen], len_diff[seen]
     if len(s) < 3:
@@ -253,6 +249,7 @@ def _groups(rows: list[Judgment], prompts: dict[str, int]) -> list[_Group]:
             sum_q=np.bincount(idx, weights=q, minlength=n),
             sum_d=np.bincount(idx, weights=d, minlength=n),
             count=np.bincount(idx, minlength=n).astype(float),
+            fields=_alpaca_fields(q, d),
         )
 
     judges = sorted(by_judge)
@@ -273,9 +270,7 @@ def _length_diff(rows: list[Judgment], prompts: dict[str, int]) -> np.ndarray | 
     return np.bincount(idx, weights=diff, minlength=n) / np.maximum(counts, 1)
 
 
-def _alpaca_fields(rows: list[Judgment]) -> dict[str, float | int]:
-    q = np.fromiter((r.q for r in rows), dtype=float, count=len(rows))
-    d = np.fromiter((r.d for r in rows), dtype=float, count=len(rows))
+def _alpaca_fields(q: np.ndarray, d: np.ndarray) -> dict[str, float | int]:
     n = len(q)
     wins, losses = int(np.sum(d == 1.0)), int(np.sum(d == 0.0))
     se = float(np.std(q, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
@@ -314,51 +309,44 @@ def _compare_pair(
     for r in rows:
         prompts.setdefault(r.prompt, len(prompts))
     groups = _groups(rows, prompts)
-    fields = [_alpaca_fields(g.rows) for g in groups]
     len_diff = _length_diff(rows, prompts)
     # judge -> (mean preference, tie-adjusted) estimates without the normal interval
     intervals: dict[str, tuple[Estimate, Estimate]] = {}
     notes_all: list[str] = []
     if settings.bootstrap and len(prompts) >= 2:
         # One bootstrap per set of groups that share the same prompts (usually all of them).
-        by_cover: dict[bytes, list[int]] = defaultdict(list)
-        for gi, g in enumerate(groups):
-            by_cover[(g.count > 0).tobytes()].append(gi)
+        by_cover: dict[bytes, list[_Group]] = defaultdict(list)
+        for g in groups:
+            by_cover[(g.count > 0).tobytes()].append(g)
         for members in by_cover.values():
-            seen = groups[members[0]].count > 0
-            sums = [groups[gi].sum_q[seen] for gi in members]
-            sums += [groups[gi].sum_d[seen] for gi in members]
-            counts = [groups[gi].count[seen] for gi in members] * 2
-            point = [fields[gi]["win_rate"] for gi in members]
-            point += [fields[gi]["discrete_win_rate"] for gi in members]
-            names = (model, baseline, *(groups[gi].judge for gi in members))
+            seen = members[0].count > 0
+            sums = [g.sum_q[seen] for g in members] + [g.sum_d[seen] for g in members]
+            counts = [g.count[seen] for g in members] * 2
+            point = [g.fields[f] for f in ("win_rate", "discrete_win_rate") for g in members]
             estimates = bootstrap_estimates(
                 ratio_statistic(np.stack(sums, axis=1), np.stack(counts, axis=1)),
                 point,
                 int(seen.sum()),
                 settings,
                 settings.n_resamples,
-                seeded_rng(settings, *names),
+                seeded_rng(settings, model, baseline, *(g.judge for g in members)),
             )
-            k = len(members)
-            for j, gi in enumerate(members):
-                intervals[groups[gi].judge] = (estimates[j], estimates[k + j])
+            for j, g in enumerate(members):
+                intervals[g.judge] = (estimates[j], estimates[len(members) + j])
     elif settings.bootstrap:
         notes_all.append("bootstrap needs at least 2 prompts")
     z = float(ndtri(0.5 + settings.confidence_level / 2))
     results = []
-    for g, fields_g in zip(groups, fields, strict=True):
-        notes = list(notes_all)
-        rate, se = fields_g["win_rate"], fields_g["standard_error"]
+    for g in groups:
+        rate, se = g.fields["win_rate"], g.fields["standard_error"]
         normal = ConfidenceInterval(rate - z * se, rate + z * se) if math.isfinite(se) else None
         mean_pref, tie_adj = intervals.get(g.judge) or (
             Estimate(rate, None, None, "none"),
-            Estimate(fields_g["discrete_win_rate"], None, None, "none"),
+            Estimate(g.fields["discrete_win_rate"], None, None, "none"),
         )
         lc_est, lc_phi, lc_note = _length_controlled(
             g, len_diff, settings, (model, baseline, g.judge)
         )
-        notes += [lc_note] if lc_note else []
         dropped: dict[str, int] = defaultdict(int)
         for (m, b, j, reason), cnt in judgments.dropped.items():
             if m == model and b == baseline and j in g.judges:
@@ -377,8 +365,8 @@ def _compare_pair(
                 sign_test=_sign_test(g, settings.confidence_level),
                 position=position_bias(g.rows),
                 dropped=dict(dropped),
-                notes=notes,
-                **fields_g,
+                notes=[*notes_all, lc_note] if lc_note else list(notes_all),
+                **g.fields,
             )
         )
     return results
