@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from cme_rewards.options import at_least, check_fields, option
+from cme_rewards.options import CheckedOptions, at_least, option
 from cme_rewards.retry import TransientError
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class BatcherClosed(TransientError):
 
 
 @dataclass(frozen=True)
-class BatchLimits:
+class BatchLimits(CheckedOptions):
     """Limits on the micro-batches of concurrent callers (declared once for every surface)."""
 
     max_batch_tokens: int = option(
@@ -61,9 +61,6 @@ class BatchLimits:
         unit="samples",
         check=at_least(1),
     )
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 @dataclass(frozen=True)

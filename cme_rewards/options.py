@@ -177,6 +177,13 @@ def check_fields(obj: Any) -> None:
             raise OptionError(f.name, reason)
 
 
+class CheckedOptions:
+    """Base of an options dataclass: every field is type-checked and checked when it is made."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
 # -- surfaces -------------------------------------------------------------------------------------
 
 
@@ -397,7 +404,7 @@ def _check_chat_template(template: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class ScorerOptions:
+class ScorerOptions(CheckedOptions):
     """Every option of the CME scorer (``docs/options.md``): ``CMEScorer(max_length=...)``,
     ``--max-length``, ``CME_REWARDS_MAX_LENGTH``, ``reward.cme.max_length``, ``--cme_max_length``.
     """
@@ -488,7 +495,7 @@ class ScorerOptions:
     seed: int = option(0, "weight seed of a random: verifier")
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        super().__post_init__()
         if self.impl == "triton" and (reason := _triton_problem(self.device != "cpu")):
             raise OptionError("impl", reason)
 

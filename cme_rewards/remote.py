@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from cme_rewards.formatting import EMPTY_PROMPT, Prompt, VerifierInput, encode_sample
 from cme_rewards.models import resolve_verifier
-from cme_rewards.options import OptionError, ScorerOptions, above, at_least, check_fields, option
+from cme_rewards.options import CheckedOptions, OptionError, ScorerOptions, above, at_least, option
 from cme_rewards.results import CMEResult, finish_sample, floored
 from cme_rewards.retry import DEFAULT_TRIES, TransientError, retry_async
 from cme_rewards.verifier_names import strip_random
@@ -65,7 +65,7 @@ VLLM_LOGPROB_FLOOR = -9999.0
 
 
 @dataclass(frozen=True)
-class RemoteOptions:
+class RemoteOptions(CheckedOptions):
     """How to reach a served verifier (the scorer's own options are :class:`ScorerOptions`)."""
 
     url: str | None = option(
@@ -78,9 +78,6 @@ class RemoteOptions:
     max_retries: int = option(
         DEFAULT_TRIES, "tries of a request on transient trouble before giving up", check=at_least(1)
     )
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 class _SampleError(Exception):

@@ -22,14 +22,14 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cme_rewards.options import above, at_least, check_fields, option
+from cme_rewards.options import CheckedOptions, above, at_least, option
 from cme_rewards.results import CMEResult
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class GroupOptions:
+class GroupOptions(CheckedOptions):
     """How OpenRLHF's file mode finds a failed sample's group (``CME_REWARDS_GROUP_SIZE``, ...)."""
 
     group_size: int | None = option(
@@ -44,9 +44,6 @@ class GroupOptions:
         unit="seconds",
         check=above(0),
     )
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 def default_max_waiting() -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 from cme_rewards.batched_scorer import Sample
 from cme_rewards.formatting import GENERATOR_END_MARKERS, clean_response, is_text
-from cme_rewards.options import ScorerOptions, check_fields, option
+from cme_rewards.options import CheckedOptions, ScorerOptions, option
 from cme_rewards.results import METRIC_PREFIX, CMEResult, floored
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ COMMON_SPECIAL_TOKENS = (
 
 
 @dataclass(frozen=True)
-class RecoveryOptions:
+class RecoveryOptions(CheckedOptions):
     """How OpenRLHF's samples are turned back into the verifier's prompt and response."""
 
     policy_tokenizer: str | None = option(
@@ -59,9 +59,6 @@ class RecoveryOptions:
         "is; or force label, template or templated",
         choices=PROMPT_SOURCES,
     )
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
     def build(self) -> PromptRecovery:
         """The :class:`PromptRecovery` these options describe, its start-up warning logged; loads

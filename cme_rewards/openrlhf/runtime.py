@@ -23,9 +23,9 @@ from cme_rewards.batching import BatchLimits
 from cme_rewards.openrlhf.grouping import GroupBoard, GroupOptions, group_key
 from cme_rewards.openrlhf.protocol import PromptRecovery, RecoveryOptions, extra_logs
 from cme_rewards.options import (
+    CheckedOptions,
     ScorerOptions,
     at_least,
-    check_fields,
     env_name,
     env_values,
     from_values,
@@ -41,7 +41,7 @@ env_key = functools.partial(env_name, PREFIX)  # an option's variable: ``CME_REW
 
 
 @dataclass(frozen=True)
-class FileModeOptions:
+class FileModeOptions(CheckedOptions):
     """Options only OpenRLHF's file mode has."""
 
     gpu_memory_fraction: float | None = option(
@@ -53,9 +53,6 @@ class FileModeOptions:
     max_retries: int = option(
         DEFAULT_TRIES, "tries on transient trouble before the floor reward", check=at_least(1)
     )
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cme_rewards.options import above, at_least, check_fields, option
+from cme_rewards.options import CheckedOptions, above, at_least, option
 
 
 @dataclass(frozen=True)
-class ServerOptions:
+class ServerOptions(CheckedOptions):
     """Server behaviour apart from the verifier and the batch limits."""
 
     request_timeout: float = option(
@@ -27,6 +27,3 @@ class ServerOptions:
         None, "bearer token required on every endpoint but /health (default $CME_REWARDS_TOKEN)"
     )
     docs: bool = option(False, "serve /docs and /openapi.json (behind the token)")
-
-    def __post_init__(self) -> None:
-        check_fields(self)

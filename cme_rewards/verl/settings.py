@@ -17,10 +17,10 @@ from typing import Any
 
 from cme_rewards.batching import BatchLimits
 from cme_rewards.options import (
+    CheckedOptions,
     OptionError,
     ScorerOptions,
     at_least,
-    check_fields,
     field_names,
     finite,
     from_values,
@@ -51,7 +51,7 @@ class CMESettingsError(OptionError):
 
 
 @dataclass(frozen=True)
-class VerlOptions:
+class VerlOptions(CheckedOptions):
     """Options only the veRL manager has."""
 
     backend: str = option(
@@ -93,7 +93,7 @@ class VerlOptions:
     )
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        super().__post_init__()
         names = [split_term(t)[2] for t in self.combine_with]
         clash = next((n for n in names if names.count(n) > 1 or n in RESERVED_TERM_NAMES), None)
         if clash is not None:
