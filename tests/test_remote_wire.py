@@ -16,7 +16,7 @@ import pytest
 from wire_servers import LogprobModel, ServerThread, sglang_app, vllm_app
 
 from cme_rewards import FLOOR_REWARD
-from cme_rewards.options import ScorerOptions
+from cme_rewards.options import OptionError, ScorerOptions
 from cme_rewards.remote import (
     PROBE_TEXT,
     RemoteConfigError,
@@ -248,3 +248,18 @@ def test_max_length_is_fitted_to_the_served_context(smollm, smollm_scorer, token
     assert client.max_model_len == 64 and client.options.max_length == 63
     assert got.error is None and got.truncated and not want.truncated
     assert got.cme == pytest.approx(cut.cme, abs=1e-4) and got.n_tokens == cut.n_tokens
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"timeout_s": 0}, r"^timeout_s: must be greater than 0, got 0\.0$"),
+        ({"timeout_s": "soon"}, r"^timeout_s: expected a number, got 'soon'$"),
+        ({"max_retries": 0}, r"^max_retries: must be at least 1, got 0$"),
+        ({"url": 8000}, r"^url: expected a string, got 8000$"),
+    ],
+)
+def test_remote_options_name_the_bad_field(changes, message):
+    """A bad connection setting is refused when the options are made, naming the field."""
+    with pytest.raises(OptionError, match=message):
+        RemoteOptions(**changes)
